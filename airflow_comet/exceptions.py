@@ -1,0 +1,81 @@
+"""Errors raised by the CometAPI hook, with the facts a person on call needs.
+
+Every error carries ``retryable`` so that the one retry policy (``hooks/_retry.py``) can decide without
+knowing which transport (requests or aiohttp) produced it. Messages never contain the API key: they are
+built only from the status code, the content type, the API's own ``error`` envelope and the URL path.
+"""
+
+from __future__ import annotations
+
+from airflow.providers.common.compat.sdk import AirflowException
+
+
+class CometAPIError(AirflowException):
+    """Base class for everything the CometAPI hook raises."""
+
+    #: Whether sending the same request again may succeed.
+    retryable: bool = False
+
+    def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+
+
+class CometAPIConfigError(CometAPIError):
+    """The connection or an argument is wrong; nothing was sent."""
+
+
+class CometAPIResponseError(CometAPIError):
+    """CometAPI answered with an HTTP error (or a body that is not what the API sends)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, code=code)
+        self.retryable = retryable
+        #: Seconds the server asked us to wait (``Retry-After``), already capped.
+        self.retry_after = retry_after
+
+
+class CometAPIAuthError(CometAPIResponseError):
+    """401/403: the key is missing, wrong, revoked, or not allowed for this model."""
+
+
+class CometAPINotFoundError(CometAPIResponseError):
+    """404: the prediction (or model) does not exist for this key."""
+
+
+class CometAPINotJSONError(CometAPIResponseError):
+    """The answer was not JSON (an HTML page, a redirect): almost always a wrong host or path."""
+
+
+class CometAPITransportError(CometAPIError):
+    """The request did not get an HTTP answer (connection refused, reset, timed out).
+
+    ``maybe_sent`` tells whether the server may have received (and acted on) the request: a connect
+    failure cannot have reached it, a read timeout may have.
+    """
+
+    def __init__(self, message: str, *, maybe_sent: bool) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
+        self.retryable = True
+
+
+class CometAPIAmbiguousCreateError(CometAPIError):
+    """A create request may have reached CometAPI but no answer came back, so it was not retried.
+
+    Retrying blindly could start (and bill) a second prediction.
+    """
+
+
+class PredictionFailedError(AirflowException):
+    """The prediction ended in ``failed``, ``canceled`` or ``aborted``, or could not be followed."""

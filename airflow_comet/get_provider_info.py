@@ -1,0 +1,69 @@
+"""Provider metadata, found by Airflow through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_comet import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-comet",
+        "name": "CometAPI",
+        "description": "Generate images (and other model outputs) with CometAPI's Replicate-format "
+        "prediction API from Airflow DAGs.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "CometAPI",
+                "external-doc-url": "https://api.cometapi.com",
+                "tags": ["ai"],
+            }
+        ],
+        "hooks": [{"integration-name": "CometAPI", "python-modules": ["airflow_comet.hooks.cometapi"]}],
+        "operators": [
+            {
+                "integration-name": "CometAPI",
+                "python-modules": ["airflow_comet.operators.prediction"],
+            }
+        ],
+        "sensors": [{"integration-name": "CometAPI", "python-modules": ["airflow_comet.sensors.prediction"]}],
+        "triggers": [
+            {"integration-name": "CometAPI", "python-modules": ["airflow_comet.triggers.prediction"]}
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_comet.hooks.cometapi.CometAPIHook",
+                "hook-name": "CometAPI",
+                "connection-type": "cometapi",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "port"],
+                    "relabeling": {"password": "CometAPI key", "host": "Base URL"},
+                    "placeholders": {"host": "https://api.cometapi.com"},
+                },
+                "conn-fields": {
+                    "read_timeout": {
+                        "label": "Read timeout (s)",
+                        "description": "Seconds to wait for an answer; status queries can take over 45 s.",
+                        "schema": {"type": ["number", "null"], "minimum": 1, "default": 90},
+                    },
+                    "connect_timeout": {
+                        "label": "Connect timeout (s)",
+                        "schema": {"type": ["number", "null"], "minimum": 1, "default": 10},
+                    },
+                    "max_retries": {
+                        "label": "Max retries",
+                        "description": "Retries of one request on 429, 5xx and network errors.",
+                        "schema": {"type": ["integer", "null"], "minimum": 0, "default": 6},
+                    },
+                    "max_requests_per_second": {
+                        "label": "Max requests per second",
+                        "description": "Budget shared by every trigger of this connection in one triggerer.",
+                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                    },
+                },
+            }
+        ],
+        "extra-links": ["airflow_comet.links.PredictionLink"],
+    }

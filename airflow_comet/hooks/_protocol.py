@@ -1,0 +1,278 @@
+"""CometAPI's wire format, transport-free: URLs, settings, and what an answer means.
+
+Both the requests-based (worker) and the aiohttp-based (triggerer) paths of the hook build their URLs and
+read their answers here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from airflow_comet.exceptions import (
+    CometAPIAuthError,
+    CometAPIConfigError,
+    CometAPINotFoundError,
+    CometAPINotJSONError,
+    CometAPIResponseError,
+)
+
+DEFAULT_HOST = "https://api.cometapi.com"
+API_PREFIX = "/replicate/v1"
+
+#: Statuses that may be followed by another answer. ``aborted`` is Replicate's own, not listed by CometAPI.
+NON_TERMINAL_STATUSES = frozenset({"starting", "processing"})
+FAILED_STATUSES = frozenset({"failed", "canceled", "aborted"})
+TERMINAL_STATUSES = FAILED_STATUSES | {"succeeded"}
+
+#: Answers that say "try again later". 502 is not in CometAPI's list but is what proxies send in front of it.
+RETRYABLE_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504, 524})
+
+# Replicate's model ids: owner and name, lowercase letters, digits, dots, dashes and underscores.
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Prediction ids are short alphanumeric tokens; anything else could change the path we send the key to.
+_PREDICTION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ERROR_TEXT_LIMIT = 300
+
+
+def validate_model(model: Any) -> str:
+    """Return ``model`` if it is ``owner/name``; raise a ValueError naming the value otherwise."""
+    if not isinstance(model, str) or not _MODEL_RE.match(model):
+        raise ValueError(
+            f"model must be 'owner/name' (for example 'black-forest-labs/flux-schnell'), got {model!r}"
+        )
+    return model
+
+
+def validate_prediction_id(prediction_id: Any) -> str:
+    """Return ``prediction_id`` if it looks like a CometAPI prediction id; raise a ValueError otherwise."""
+    if not isinstance(prediction_id, str) or not _PREDICTION_ID_RE.match(prediction_id):
+        raise ValueError(
+            f"prediction_id must be a CometAPI prediction id (letters, digits, '-' or '_'), got {prediction_id!r}"
+        )
+    return prediction_id
+
+
+def create_path(model: str) -> str:
+    owner, name = validate_model(model).split("/")
+    return f"{API_PREFIX}/models/{quote(owner)}/{quote(name)}/predictions"
+
+
+def prediction_path(prediction_id: str) -> str:
+    return f"{API_PREFIX}/predictions/{validate_prediction_id(prediction_id)}"
+
+
+def cancel_path(prediction_id: str) -> str:
+    return f"{prediction_path(prediction_id)}/cancel"
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Everything the hook needs from an Airflow connection, parsed once and checked.
+
+    The key is kept out of ``repr`` so that logging a settings object cannot leak it.
+    """
+
+    conn_id: str
+    base_url: str
+    api_key: str
+    connect_timeout: float = 10.0
+    # CometAPI notes a status query that took over 45 s to answer: a shorter read timeout would turn a
+    # slow but healthy answer into a retry storm.
+    read_timeout: float = 90.0
+    max_retries: int = 6
+    max_retry_wait: float = 60.0
+    retry_backoff: float = 1.0
+    max_requests_per_second: float | None = None
+
+    def __repr__(self) -> str:
+        return f"ConnectionSettings(conn_id={self.conn_id!r}, base_url={self.base_url!r}, api_key=***)"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    @classmethod
+    def from_connection(cls, conn: Any, extras: Mapping[str, Any]) -> ConnectionSettings:
+        """Build settings from a Connection and its (already parsed) extras.
+
+        ``extras`` is passed separately because the triggerer must read them without a blocking call.
+        """
+        conn_id = getattr(conn, "conn_id", None) or "?"
+        api_key = (getattr(conn, "password", None) or "").strip()
+        if not api_key:
+            raise CometAPIConfigError(
+                f"Connection {conn_id!r} has no CometAPI key: put the key in the connection's password "
+                "field (AIRFLOW_CONN_..._='{\"conn_type\": \"cometapi\", \"password\": \"<key>\"}')."
+            )
+        return cls(
+            conn_id=conn_id,
+            base_url=base_url_from(conn_id, getattr(conn, "host", None), getattr(conn, "port", None)),
+            api_key=api_key,
+            connect_timeout=_positive(conn_id, extras, "connect_timeout", cls.connect_timeout),
+            read_timeout=_positive(conn_id, extras, "read_timeout", cls.read_timeout),
+            max_retries=int(_positive(conn_id, extras, "max_retries", cls.max_retries, allow_zero=True)),
+            max_retry_wait=_positive(conn_id, extras, "max_retry_wait", cls.max_retry_wait),
+            retry_backoff=_positive(conn_id, extras, "retry_backoff", cls.retry_backoff),
+            max_requests_per_second=(
+                _positive(conn_id, extras, "max_requests_per_second", 0.0)
+                if extras.get("max_requests_per_second") not in (None, "")
+                else None
+            ),
+        )
+
+
+def base_url_from(conn_id: str, host: str | None, port: int | None) -> str:
+    """Normalise the connection's host into ``scheme://host[:port][/path]`` with no trailing slash."""
+    host = (host or "").strip() or DEFAULT_HOST
+    if "://" not in host:
+        host = f"https://{host}"
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CometAPIConfigError(
+            f"Connection {conn_id!r} has host {host!r}; expected a base URL like {DEFAULT_HOST!r}."
+        )
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise CometAPIConfigError(
+            f"Connection {conn_id!r}: the host must be a plain base URL without credentials, query or fragment."
+        )
+    netloc = parts.netloc
+    if port and not parts.port:
+        netloc = f"{netloc}:{port}"
+    path = parts.path.rstrip("/")
+    if path.endswith(API_PREFIX):
+        # Users often paste the documented URL prefix; it is added per request.
+        path = path[: -len(API_PREFIX)]
+    return f"{parts.scheme}://{netloc}{path}"
+
+
+def _positive(conn_id: str, extras: Mapping[str, Any], key: str, default: float, allow_zero: bool = False) -> float:
+    raw = extras.get(key)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise CometAPIConfigError(f"Connection {conn_id!r}: extra {key!r} must be a number, got {raw!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise CometAPIConfigError(f"Connection {conn_id!r}: extra {key!r} must be positive, got {raw!r}")
+    return value
+
+
+def parse_retry_after(value: str | None, cap: float, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped at ``cap``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), cap)
+
+
+def parse_answer(
+    *,
+    method: str,
+    path: str,
+    status: int,
+    content_type: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    max_retry_wait: float,
+) -> dict[str, Any]:
+    """Turn one HTTP answer into the JSON object it carries, or raise the error it stands for."""
+    what = f"{method} {path}"
+    mime = (content_type or "").split(";")[0].strip().lower()
+    payload: Any = None
+    if mime.endswith("json") or body[:1] in (b"{", b"["):
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            payload = None
+
+    if 200 <= status < 300:
+        if isinstance(payload, dict) and not _is_error_envelope(payload):
+            return payload
+        if isinstance(payload, dict):
+            message, code = _envelope(payload)
+            raise CometAPIResponseError(
+                f"CometAPI answered {status} with an error to {what}: {message}", status_code=status, code=code
+            )
+        raise _not_json(what, status, mime, body, headers)
+
+    if 300 <= status < 400:
+        raise _not_json(what, status, mime, body, headers)
+
+    retry_after = parse_retry_after(headers.get("Retry-After"), max_retry_wait) if status == 429 else None
+    if not isinstance(payload, dict):
+        if status in RETRYABLE_STATUS_CODES:
+            # Gateways (Cloudflare's 524, a load balancer's 502) answer HTML while CometAPI itself is busy.
+            return _raise(
+                CometAPIResponseError(
+                    f"CometAPI answered {status} ({mime or 'no content type'}, not JSON) to {what}",
+                    status_code=status,
+                    retryable=True,
+                    retry_after=retry_after,
+                )
+            )
+        raise _not_json(what, status, mime, body, headers)
+
+    message, code = _envelope(payload)
+    text = f"CometAPI answered {status} to {what}: {message}" + (f" (code {code})" if code else "")
+    if status in (401, 403):
+        raise CometAPIAuthError(text, status_code=status, code=code)
+    if status == 404:
+        raise CometAPINotFoundError(text, status_code=status, code=code)
+    # CometAPI reports some malformed requests as 500 with code invalid_request: sending it again cannot help.
+    retryable = status in RETRYABLE_STATUS_CODES and code != "invalid_request"
+    raise CometAPIResponseError(text, status_code=status, code=code, retryable=retryable, retry_after=retry_after)
+
+
+def _raise(error: Exception) -> Any:
+    raise error
+
+
+def _is_error_envelope(payload: dict[str, Any]) -> bool:
+    # A prediction object also has an "error" key (null or a string); the envelope's is an object.
+    return isinstance(payload.get("error"), dict) and "id" not in payload
+
+
+def _envelope(payload: dict[str, Any]) -> tuple[str, str | None]:
+    error = payload.get("error")
+    if isinstance(error, dict):
+        message = str(error.get("message") or error.get("type") or "no message")
+        code = error.get("code") or None
+        return message[:_ERROR_TEXT_LIMIT], (str(code) if code is not None else None)
+    if isinstance(error, str) and error:
+        return error[:_ERROR_TEXT_LIMIT], None
+    detail = payload.get("detail") or payload.get("message")
+    if detail:
+        return str(detail)[:_ERROR_TEXT_LIMIT], None
+    return "no error message in the answer", None
+
+
+def _not_json(what: str, status: int, mime: str, body: bytes, headers: Mapping[str, str]) -> CometAPINotJSONError:
+    location = headers.get("Location")
+    hint = (
+        "This usually means the connection's host is wrong: it must be the API's base URL "
+        f"(for example {DEFAULT_HOST}), without a path."
+    )
+    redirect = f" redirecting to {urlsplit(location).netloc or location!r}" if location else ""
+    snippet = body[:80].decode("utf-8", "replace").strip().replace("\n", " ")
+    return CometAPINotJSONError(
+        f"CometAPI answered {status}{redirect} with {mime or 'no content type'} instead of a JSON object to "
+        f"{what} (starts with {snippet!r}). {hint}",
+        status_code=status,
+    )

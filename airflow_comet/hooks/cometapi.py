@@ -1,0 +1,432 @@
+"""The CometAPI hook: auth, HTTP and retries for the Replicate-format prediction API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import aiohttp
+import requests
+import tenacity
+from airflow.providers.http.hooks.http import HttpHook
+
+from airflow_comet import __version__
+from airflow_comet.exceptions import (
+    CometAPIAuthError,
+    CometAPIError,
+    CometAPINotFoundError,
+    CometAPIResponseError,
+    CometAPITransportError,
+)
+from airflow_comet.hooks import _protocol as protocol
+from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
+from airflow_comet.hooks._retry import RetryPolicy, final_error
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"airflow-comet/{__version__}"
+#: Connection extras this hook reads itself; HttpHook would otherwise send them as HTTP headers.
+OWN_EXTRAS = (
+    "connect_timeout",
+    "read_timeout",
+    "max_retries",
+    "max_retry_wait",
+    "retry_backoff",
+    "max_requests_per_second",
+)
+#: Extra seconds of read timeout on top of a ``Prefer: wait`` hold, so the hold itself never times out.
+_PREFER_WAIT_MARGIN = 15.0
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """Sets ``Authorization: Bearer <key>``; its repr never shows the key."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "BearerAuth(***)"
+
+
+class CometAPIHook(HttpHook):
+    """
+    Talk to CometAPI's Replicate-format prediction API.
+
+    The key is the connection's password; the host defaults to ``https://api.cometapi.com``. Optional
+    extras: ``connect_timeout`` (s, default 10), ``read_timeout`` (s, default 90), ``max_retries``
+    (default 6), ``max_retry_wait`` (cap on ``Retry-After``, s, default 60), ``retry_backoff`` (first
+    backoff, s, default 1) and ``max_requests_per_second`` (budget for all triggers of this connection in
+    one triggerer).
+
+    Every URL is built from the connection's host: ``urls.*`` in CometAPI's answers point at another
+    company's hosts and are never followed, so the key is only ever sent to the connection's host.
+
+    :param cometapi_conn_id: The Airflow connection id.
+    :param retry_policy: Overrides the retry settings read from the connection.
+    """
+
+    conn_name_attr = "cometapi_conn_id"
+    default_conn_name = "cometapi_default"
+    conn_type = "cometapi"
+    hook_name = "CometAPI"
+    default_host = DEFAULT_HOST
+
+    def __init__(
+        self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
+    ) -> None:
+        super().__init__(method="GET", http_conn_id=cometapi_conn_id)
+        self.cometapi_conn_id = cometapi_conn_id
+        self._retry_policy = retry_policy
+        self._settings: ConnectionSettings | None = None
+        self._async_session: aiohttp.ClientSession | None = None
+
+    # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Relabel the connection form: the key is the password, the host is the API base URL."""
+        return {
+            "hidden-fields": ["schema", "login", "port"],
+            "relabeling": {"password": "CometAPI key", "host": "Base URL"},
+            "placeholders": {
+                "host": DEFAULT_HOST,
+                "extra": '{"read_timeout": 90, "max_retries": 6, "max_requests_per_second": 20}',
+            },
+        }
+
+    # -- settings ---------------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """The connection's parsed settings (looked up once, synchronously)."""
+        if self._settings is None:
+            conn = self.get_connection(self.cometapi_conn_id)
+            self._settings = ConnectionSettings.from_connection(conn, conn.extra_dejson)
+            _mask(self._settings.api_key)
+        return self._settings
+
+    async def aget_settings(self) -> ConnectionSettings:
+        """The connection's parsed settings, looked up without blocking the event loop."""
+        if self._settings is None:
+            from airflow.providers.common.compat.connection import (
+                get_async_connection,
+                get_async_extra_dejson,
+            )
+
+            conn = await get_async_connection(self.cometapi_conn_id, hook=type(self))
+            extras = await get_async_extra_dejson(conn)
+            self._settings = ConnectionSettings.from_connection(conn, extras)
+        return self._settings
+
+    def retry_policy(self, settings: ConnectionSettings) -> RetryPolicy:
+        return self._retry_policy or RetryPolicy(
+            max_retries=settings.max_retries,
+            backoff_base=settings.retry_backoff,
+            max_retry_wait=settings.max_retry_wait,
+        )
+
+    # -- sync transport (requests, through HttpHook's session set-up) ------------------------------------
+
+    @cached_property
+    def session(self) -> requests.Session:
+        """One keep-alive session for the hook's lifetime (HttpHook builds a new one per ``run()``)."""
+        settings = self.settings
+        session = self.get_conn()
+        for key in OWN_EXTRAS:
+            session.headers.pop(key, None)
+        session.auth = BearerAuth(settings.api_key)
+        session.headers["User-Agent"] = USER_AGENT
+        session.headers["Accept"] = "application/json"
+        return session
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
+        hold: float = 0.0,
+    ) -> dict[str, Any]:
+        settings = self.settings
+        what = f"{method} {path}"
+        retrying = tenacity.Retrying(
+            **self.retry_policy(settings).tenacity_kwargs(idempotent=idempotent, logger=self.log, what=what)
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._send(settings, method, path, body, headers, hold)
+        except CometAPIError as error:
+            final = final_error(error, idempotent=idempotent, what=what)
+            if final is error:
+                raise
+            raise final from error
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _send(
+        self,
+        settings: ConnectionSettings,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        hold: float,
+    ) -> dict[str, Any]:
+        try:
+            response = self.session.request(
+                method,
+                settings.url(path),
+                json=body,
+                headers=dict(headers or {}),
+                timeout=(settings.connect_timeout, settings.read_timeout + hold),
+                # A redirect means a wrong host; following it could carry the key elsewhere.
+                allow_redirects=False,
+            )
+        except requests.exceptions.ConnectTimeout as e:
+            raise _transport_error(method, path, "connect timed out", e, maybe_sent=False) from None
+        except requests.exceptions.ConnectionError as e:
+            refused = "NewConnectionError" in repr(e) or "Name or service not known" in str(e)
+            raise _transport_error(method, path, "connection failed", e, maybe_sent=not refused) from None
+        except requests.exceptions.RequestException as e:
+            # ReadTimeout, ChunkedEncodingError: the request was sent, the answer did not come back whole.
+            raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
+        return self._parse(settings, method, path, response.status_code, response.headers, response.content)
+
+    # -- async transport (aiohttp, one session for the lifetime of a trigger) ----------------------------
+
+    async def __aenter__(self) -> CometAPIHook:
+        await self._aget_session()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the async session (idempotent)."""
+        session, self._async_session = self._async_session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    async def _aget_session(self) -> aiohttp.ClientSession:
+        if self._async_session is None or self._async_session.closed:
+            settings = await self.aget_settings()
+            self._async_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+                ),
+                headers={
+                    "Authorization": f"Bearer {settings.api_key}",
+                    "User-Agent": USER_AGENT,
+                    "Accept": "application/json",
+                },
+            )
+        return self._async_session
+
+    async def _arequest(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
+        hold: float = 0.0,
+    ) -> dict[str, Any]:
+        settings = await self.aget_settings()
+        what = f"{method} {path}"
+        retrying = tenacity.AsyncRetrying(
+            **self.retry_policy(settings).tenacity_kwargs(idempotent=idempotent, logger=self.log, what=what)
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._asend(settings, method, path, body, headers, hold)
+        except CometAPIError as error:
+            final = final_error(error, idempotent=idempotent, what=what)
+            if final is error:
+                raise
+            raise final from error
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    async def _asend(
+        self,
+        settings: ConnectionSettings,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        hold: float,
+    ) -> dict[str, Any]:
+        session = await self._aget_session()
+        timeout = session.timeout
+        if hold:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout + hold
+            )
+        try:
+            async with session.request(
+                method,
+                settings.url(path),
+                json=body,
+                headers=dict(headers or {}),
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                content = await response.read()
+                return self._parse(settings, method, path, response.status, response.headers, content)
+        except (aiohttp.ClientConnectorError, _ConnectionTimeoutError) as e:
+            raise _transport_error(method, path, "connection failed", e, maybe_sent=False) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
+
+    # -- shared ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(
+        settings: ConnectionSettings,
+        method: str,
+        path: str,
+        status: int,
+        headers: Mapping[str, str],
+        content: bytes,
+    ) -> dict[str, Any]:
+        try:
+            return protocol.parse_answer(
+                method=method,
+                path=path,
+                status=status,
+                content_type=headers.get("Content-Type", ""),
+                body=content,
+                headers=headers,
+                max_retry_wait=settings.max_retry_wait,
+            )
+        except CometAPIError as error:
+            # The API's own text goes into the message: make sure it cannot echo the key back.
+            _scrub(error, settings.api_key)
+            if isinstance(error, CometAPIAuthError):
+                error.message += (
+                    f" Check the CometAPI key in connection {settings.conn_id!r} (its password field)."
+                )
+                error.args = (error.message,)
+            raise
+
+    # -- the API ----------------------------------------------------------------------------------------
+
+    def create_prediction(
+        self, model: str, input: Mapping[str, Any], *, prefer_wait: int | None = None
+    ) -> dict[str, Any]:
+        """Start a prediction of ``model`` (``owner/name``) with ``input``; return the prediction object.
+
+        :param prefer_wait: Ask the server to hold the answer up to this many seconds (``Prefer: wait``)
+            so a fast prediction comes back finished; harmless where the server ignores it.
+        """
+        path, body, headers, hold = self._create_request(model, input, prefer_wait)
+        return self._request("POST", path, body=body, idempotent=False, headers=headers, hold=hold)
+
+    async def acreate_prediction(
+        self, model: str, input: Mapping[str, Any], *, prefer_wait: int | None = None
+    ) -> dict[str, Any]:
+        """Async :meth:`create_prediction`."""
+        path, body, headers, hold = self._create_request(model, input, prefer_wait)
+        return await self._arequest("POST", path, body=body, idempotent=False, headers=headers, hold=hold)
+
+    def get_prediction(self, prediction_id: str) -> dict[str, Any]:
+        """Return the prediction object for ``prediction_id``."""
+        return self._request("GET", protocol.prediction_path(prediction_id))
+
+    async def aget_prediction(self, prediction_id: str) -> dict[str, Any]:
+        """Async :meth:`get_prediction`."""
+        return await self._arequest("GET", protocol.prediction_path(prediction_id))
+
+    def cancel_prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        """Ask CometAPI to cancel a prediction (best effort: cancel is not documented by CometAPI).
+
+        Returns the prediction object, or ``None`` when the endpoint is missing (404/405), which is logged.
+        """
+        try:
+            return self._request("POST", protocol.cancel_path(prediction_id))
+        except CometAPIResponseError as error:
+            return self._cancel_unsupported(prediction_id, error)
+
+    async def acancel_prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        """Async :meth:`cancel_prediction`."""
+        try:
+            return await self._arequest("POST", protocol.cancel_path(prediction_id))
+        except CometAPIResponseError as error:
+            return self._cancel_unsupported(prediction_id, error)
+
+    def _cancel_unsupported(self, prediction_id: str, error: CometAPIResponseError) -> None:
+        if isinstance(error, CometAPINotFoundError) or error.status_code in (404, 405, 501):
+            self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+            return None
+        raise error
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check host and key without starting a prediction (nothing is billed).
+
+        Asks for a prediction id that cannot exist: CometAPI's JSON 404 proves the host and key are right.
+        """
+        try:
+            self._request("GET", protocol.prediction_path("airflow-comet-connection-test"))
+        except CometAPINotFoundError:
+            return True, f"Connected to {self.settings.base_url}: the key was accepted."
+        except CometAPIError as error:
+            return False, str(error)
+        return True, f"Connected to {self.settings.base_url}."
+
+    @staticmethod
+    def _create_request(
+        model: str, input: Mapping[str, Any], prefer_wait: int | None
+    ) -> tuple[str, dict[str, Any], dict[str, str], float]:
+        from airflow_comet.validation import validate_input, validate_prefer_wait
+
+        path = protocol.create_path(model)
+        body = {"input": validate_input(input)}
+        headers: dict[str, str] = {"Content-Type": "application/json"}
+        hold = 0.0
+        if prefer_wait:
+            headers["Prefer"] = f"wait={validate_prefer_wait(prefer_wait)}"
+            # The server may legitimately hold the answer that long: extend the read timeout to match.
+            hold = prefer_wait + _PREFER_WAIT_MARGIN
+        return path, body, headers, hold
+
+
+try:  # aiohttp >= 3.10 tells connect timeouts apart from read timeouts.
+    from aiohttp import ConnectionTimeoutError as _ConnectionTimeoutError
+except ImportError:  # pragma: no cover - older aiohttp
+    class _ConnectionTimeoutError(Exception):  # type: ignore[no-redef]
+        """Never raised: older aiohttp reports every timeout the same way."""
+
+
+def _transport_error(method: str, path: str, what: str, error: BaseException, *, maybe_sent: bool) -> CometAPITransportError:
+    detail = type(error).__name__
+    text = str(error)
+    if text:
+        detail += f": {text[:200]}"
+    return CometAPITransportError(f"{method} {path}: {what} ({detail})", maybe_sent=maybe_sent)
+
+
+def _scrub(error: CometAPIError, secret: str) -> None:
+    if secret and secret in error.message:
+        error.message = error.message.replace(secret, "***")
+        error.args = (error.message,)
+
+
+def _mask(secret: str) -> None:
+    """Register the key with Airflow's log redaction (best effort on every version)."""
+    try:
+        from airflow.providers.common.compat.sdk import mask_secret
+
+        mask_secret(secret)
+    except Exception:  # pragma: no cover - masking is defence in depth, never a reason to fail
+        log.debug("Could not register the CometAPI key for masking", exc_info=True)
+

@@ -1,0 +1,169 @@
+"""Waiting for a prediction, shared by the operator and the sensor: in the worker, or deferred."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowException, AirflowTaskTimeout
+
+from airflow_comet.exceptions import CometAPIError, PredictionFailedError
+from airflow_comet.hooks import _protocol as protocol
+from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.links import XCOM_PREDICTION_URL, prediction_url
+from airflow_comet.polling import EVENT_STATUSES, PredictionPoller
+from airflow_comet.triggers.prediction import PredictionTrigger
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+#: XCom key of the final prediction object (the operator's ``return_value`` is always the id).
+XCOM_PREDICTION = "prediction"
+
+
+class PredictionWaitMixin:
+    """Follow a prediction to its end. Expects ``hook``, ``cometapi_conn_id``, ``poll_interval``,
+    ``cancel_on_kill``, ``execution_timeout`` and ``log`` on the class it is mixed into."""
+
+    hook: CometAPIHook
+    cometapi_conn_id: str
+    poll_interval: float
+    cancel_on_kill: bool
+    execution_timeout: timedelta | None
+    log: Any
+
+    # -- before waiting ---------------------------------------------------------------------------------
+
+    def _deadline(self, context: Context, timeout: float | None) -> tuple[float | None, bool]:
+        """The epoch deadline for the wait, and whether it is ``execution_timeout`` that sets it.
+
+        Airflow 3.3.2 does not enforce ``execution_timeout`` while a task is deferred, so the trigger
+        carries it too.
+        """
+        now = time.time()
+        own = now + timeout if timeout else None
+        task_deadline = None
+        ti = context.get("ti")
+        start = getattr(ti, "start_date", None)
+        if self.execution_timeout and isinstance(start, datetime):
+            task_deadline = start.timestamp() + self.execution_timeout.total_seconds()
+        if task_deadline is not None and (own is None or task_deadline < own):
+            return task_deadline, True
+        return own, False
+
+    def _push_link(self, context: Context, prediction: dict[str, Any]) -> None:
+        # Pushed before deferring: Airflow materialises extra links while the task is deferred.
+        status_url = self.hook.settings.url(protocol.prediction_path(prediction["id"]))
+        context["ti"].xcom_push(key=XCOM_PREDICTION_URL, value=prediction_url(prediction, status_url))
+
+    # -- waiting ----------------------------------------------------------------------------------------
+
+    def _poller(self, prediction: dict[str, Any], end_time: float | None) -> PredictionPoller:
+        return PredictionPoller(
+            prediction_id=prediction["id"],
+            started_at=created_epoch(prediction),
+            end_time=end_time,
+            poll_interval=self.poll_interval,
+        )
+
+    def _wait_in_worker(self, prediction: dict[str, Any], end_time: float | None) -> dict[str, Any]:
+        """Poll from the worker until the prediction is done; returns the final event."""
+        poller = self._poller(prediction, end_time)
+        outcome = poller.on_prediction(prediction, time.time())
+        while outcome.event is None:
+            time.sleep(outcome.delay)
+            try:
+                latest = self.hook.get_prediction(prediction["id"])
+            except CometAPIError as error:
+                self.log.warning("Status check of prediction %s failed: %s", prediction["id"], error)
+                outcome = poller.on_error(error, time.time())
+            else:
+                previous = (poller.last_prediction or {}).get("status")
+                outcome = poller.on_prediction(latest, time.time())
+                if latest.get("status") != previous:
+                    self.log.info("Prediction %s is %s", prediction["id"], latest.get("status"))
+        return outcome.event
+
+    def _trigger(
+        self, prediction: dict[str, Any], end_time: float | None
+    ) -> PredictionTrigger:
+        return PredictionTrigger(
+            prediction_id=prediction["id"],
+            cometapi_conn_id=self.cometapi_conn_id,
+            poll_interval=self.poll_interval,
+            started_at=created_epoch(prediction),
+            end_time=end_time,
+            cancel_on_kill=self.cancel_on_kill,
+        )
+
+    # -- after waiting ----------------------------------------------------------------------------------
+
+    def _finish(self, event: Any, *, deadline_is_task_timeout: bool = False) -> dict[str, Any]:
+        """Return the succeeded prediction, or raise with the event's message (cancelling on timeout)."""
+        if not isinstance(event, dict) or event.get("status") not in EVENT_STATUSES:
+            raise AirflowException(f"Unexpected event from the CometAPI trigger: {event!r}")
+        status = event["status"]
+        prediction_id = event.get("prediction_id")
+        prediction = event.get("prediction") or {}
+        message = event.get("message") or f"Prediction {prediction_id} ended {status}"
+        self._log_result(prediction)
+        if status == "succeeded":
+            return prediction
+        if status == "timeout":
+            message += " " + self._cancel_after_timeout(prediction_id)
+            if deadline_is_task_timeout:
+                raise AirflowTaskTimeout(message)
+        raise PredictionFailedError(message)
+
+    def _cancel_after_timeout(self, prediction_id: str | None) -> str:
+        if not prediction_id:
+            return ""
+        if not self.cancel_on_kill:
+            return "It was left running (cancel_on_kill=False); a retry of this task resumes it where it can."
+        try:
+            self.hook.cancel_prediction(prediction_id)
+        except CometAPIError as error:
+            return f"Cancelling it failed ({error}); it may still be running and billing."
+        return "It was cancelled; a retry of this task creates a new prediction."
+
+    def _log_result(self, prediction: dict[str, Any]) -> None:
+        if not prediction:
+            return
+        metrics = prediction.get("metrics") or {}
+        self.log.info(
+            "Prediction %s ended %s (predict_time=%s s, image_count=%s, outputs=%d)",
+            prediction.get("id"),
+            prediction.get("status"),
+            metrics.get("predict_time"),
+            metrics.get("image_count"),
+            len(prediction.get("output") or []) if isinstance(prediction.get("output"), list) else 0,
+        )
+        logs = prediction.get("logs")
+        if isinstance(logs, str) and logs.strip():
+            self.log.info("Prediction logs:\n%s", logs.strip()[-4000:])
+
+    # -- stopping ---------------------------------------------------------------------------------------
+
+    def _cancel_on_kill(self, prediction_id: str | None) -> None:
+        if not (self.cancel_on_kill and prediction_id):
+            return
+        try:
+            self.hook.cancel_prediction(prediction_id)
+            self.log.info("Cancelled prediction %s", prediction_id)
+        except Exception as error:  # noqa: BLE001 - on_kill is best effort
+            self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+
+
+def created_epoch(prediction: dict[str, Any]) -> float:
+    """The prediction's ``created_at`` as epoch seconds (now when absent or unreadable)."""
+    raw = prediction.get("created_at")
+    if isinstance(raw, str):
+        try:
+            created = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return time.time()
+        # A server clock ahead of ours would make the schedule poll too fast at first: trust ours then.
+        if created <= time.time() + 60:
+            return created
+    return time.time()

@@ -1,0 +1,173 @@
+"""CreatePredictionOperator: start a CometAPI prediction, and optionally wait for it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import BaseOperator, conf
+
+from airflow_comet import resume
+from airflow_comet.exceptions import CometAPINotFoundError, CometAPIResponseError
+from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.links import PredictionLink
+from airflow_comet.operators._waiting import XCOM_PREDICTION, PredictionWaitMixin
+from airflow_comet.polling import is_terminal
+from airflow_comet.validation import (
+    is_templated,
+    validate_input,
+    validate_model,
+    validate_prefer_wait,
+)
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+
+class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
+    """
+    Start a prediction of a CometAPI model; its XCom ``return_value`` is always the prediction id.
+
+    With ``wait_for_completion`` the task also waits for the prediction to end (in the triggerer when
+    ``deferrable``), fails if it did not succeed, and pushes the final prediction object under the XCom key
+    ``prediction``. On Airflow 3.3 the id is kept in the task state store, so a retry resumes a prediction
+    that is still running or already succeeded instead of paying for a new one.
+
+    :param model: ``owner/name``, e.g. ``black-forest-labs/flux-schnell`` (templated).
+    :param input: The model's parameters, e.g. ``{"prompt": ..., "aspect_ratio": "1:1"}``; Jinja renders
+        inside nested values (templated).
+    :param cometapi_conn_id: The CometAPI connection.
+    :param wait_for_completion: Wait for the prediction to end before the task succeeds.
+    :param deferrable: Wait in the triggerer, freeing the worker slot (default ``[operators]
+        default_deferrable``).
+    :param poll_interval: Longest gap between status checks, in seconds; the first come about a second
+        apart.
+    :param timeout: Seconds to wait for the prediction before failing and cancelling it (``None``: no
+        limit besides ``execution_timeout``).
+    :param prefer_wait: Ask CometAPI to hold the create answer up to this many seconds (``Prefer: wait``,
+        1-60) so a fast prediction comes back done without any poll; harmless where it is ignored.
+    :param cancel_on_kill: Cancel the prediction when the task is stopped or times out.
+    :param resume: On Airflow 3.3, let a retry resume this task instance's earlier prediction (same model
+        and input) instead of creating a new one.
+    """
+
+    template_fields: Sequence[str] = ("model", "input")
+    template_fields_renderers = {"input": "json"}
+    ui_color = "#e8e4fb"
+    operator_extra_links = (PredictionLink(),)
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        input: Mapping[str, Any] | str,
+        cometapi_conn_id: str = CometAPIHook.default_conn_name,
+        wait_for_completion: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 10.0,
+        timeout: float | None = 3600.0,
+        prefer_wait: int | None = None,
+        cancel_on_kill: bool = True,
+        resume: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        # Static values are checked now, so a typo fails at DAG parse time rather than at 2 a.m.
+        if not is_templated(model):
+            validate_model(model)
+        if not is_templated(input):
+            validate_input(input, allow_templates=True)
+        if prefer_wait is not None:
+            validate_prefer_wait(prefer_wait)
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+        self.model = model
+        self.input = input
+        self.cometapi_conn_id = cometapi_conn_id
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+        self.prefer_wait = prefer_wait
+        self.cancel_on_kill = cancel_on_kill
+        self.resume = resume
+        self.prediction_id: str | None = None
+
+    @cached_property
+    def hook(self) -> CometAPIHook:
+        return CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
+
+    def execute(self, context: Context) -> str:
+        model = validate_model(self.model)
+        payload = validate_input(self.input)
+        prediction = self._resume_or_create(context, model, payload)
+        self.prediction_id = prediction["id"]
+        self._push_link(context, prediction)
+        if not self.wait_for_completion:
+            return prediction["id"]
+
+        end_time, is_task_timeout = self._deadline(context, self.timeout)
+        if not is_terminal(prediction) and self.deferrable:
+            self.defer(
+                trigger=self._trigger(prediction, end_time),
+                method_name="execute_complete",
+                kwargs={"deadline_is_task_timeout": is_task_timeout},
+                # The deadline lives in the trigger (a ``timeout`` event), so that execute_complete can cancel
+                # the prediction: a framework timeout would fail the task without calling us.
+                timeout=None,
+            )
+        event = self._wait_in_worker(prediction, end_time)
+        return self._complete(context, event, is_task_timeout)
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, deadline_is_task_timeout: bool = False
+    ) -> str:
+        """Resume after the trigger fired: fail unless the prediction succeeded."""
+        return self._complete(context, event, deadline_is_task_timeout)
+
+    def _complete(self, context: Context, event: Any, deadline_is_task_timeout: bool) -> str:
+        self.prediction_id = (event or {}).get("prediction_id") if isinstance(event, dict) else None
+        prediction = self._finish(event, deadline_is_task_timeout=deadline_is_task_timeout)
+        context["ti"].xcom_push(key=XCOM_PREDICTION, value=prediction)
+        return prediction["id"]
+
+    def _resume_or_create(self, context: Context, model: str, payload: dict[str, Any]) -> dict[str, Any]:
+        digest = resume.fingerprint(self.cometapi_conn_id, model, payload)
+        earlier = resume.recall(context, digest) if self.resume else None
+        if earlier:
+            try:
+                prediction = self.hook.get_prediction(earlier)
+            except CometAPINotFoundError:
+                prediction = None
+            if prediction and prediction.get("status") in ("starting", "processing", "succeeded"):
+                self.log.info(
+                    "Resuming prediction %s (%s) started by an earlier try of this task",
+                    earlier,
+                    prediction.get("status"),
+                )
+                return prediction
+            self.log.info("The earlier try's prediction %s cannot be resumed; creating a new one", earlier)
+
+        self.log.info("Creating a prediction of %s", model)
+        started = time.monotonic()
+        prediction = self.hook.create_prediction(model, payload, prefer_wait=self.prefer_wait)
+        self.log.info(
+            "Created prediction %s (status %s) in %.2f s",
+            prediction.get("id"),
+            prediction.get("status"),
+            time.monotonic() - started,
+        )
+        if not isinstance(prediction.get("id"), str):
+            raise CometAPIResponseError(f"CometAPI's create answer has no prediction id (keys: {sorted(prediction)})")
+        # Saved before any waiting, so that a worker lost from here on does not cost a second prediction.
+        if resume.remember(context, prediction["id"], digest):
+            self.log.info("Saved prediction id %s in the task state store for retries", prediction["id"])
+        return prediction
+
+    def on_kill(self) -> None:
+        """Cancel the running prediction (best effort) when the task is stopped in the worker."""
+        self._cancel_on_kill(self.prediction_id)

@@ -1,0 +1,218 @@
+"""What to do after each status check: the one decision function for every waiting loop.
+
+The trigger (async, in the triggerer), the operator's blocking wait and the sensor's poke all feed their
+poll results or errors in here and get back "sleep this long" or a finished event, so they cannot drift.
+The loops only do the I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow_comet.exceptions import (
+    CometAPIAuthError,
+    CometAPIConfigError,
+    CometAPIError,
+    CometAPINotFoundError,
+    CometAPITransportError,
+)
+from airflow_comet.hooks._protocol import FAILED_STATUSES, NON_TERMINAL_STATUSES
+
+#: The statuses a finished wait reports (the ``status`` of every trigger event).
+EVENT_STATUSES = frozenset({"succeeded", "failed", "canceled", "timeout", "error"})
+
+#: Polls of a fresh prediction come this soon: flux-schnell often finishes in 1-3 s.
+FIRST_POLL_DELAY = 1.0
+#: The gap between polls grows with the prediction's age (a fraction of it), up to ``poll_interval``:
+#: fast answers for short predictions, few requests for long ones.
+POLL_GROWTH = 0.3
+#: Jitter (a fraction of the delay) so that a mapped batch started together does not poll in lockstep.
+POLL_JITTER = 0.1
+#: "Persistent" for auth lost / prediction gone: this many answers in a row, not one blip.
+MAX_FATAL_ERRORS = 3
+#: Answers that make no sense (HTML, missing fields, unknown status) tolerated in a row before giving up.
+MAX_BAD_ANSWERS = 10
+
+_LARGE_VALUE = 1024
+
+
+def next_poll_delay(age: float, poll_interval: float, rng: random.Random | None = None) -> float:
+    """Seconds until the next status check of a prediction that is ``age`` seconds old."""
+    base = min(max(FIRST_POLL_DELAY, age * POLL_GROWTH), max(poll_interval, FIRST_POLL_DELAY))
+    jitter = (rng or random).uniform(-POLL_JITTER, POLL_JITTER) * base
+    return max(0.2, base + jitter)
+
+
+@dataclass(frozen=True)
+class PollOutcome:
+    """After one status check: an ``event`` when the wait is over, else the ``delay`` before the next."""
+
+    event: dict[str, Any] | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class PredictionPoller:
+    """
+    Follows one prediction from its status answers to a final event.
+
+    :param prediction_id: The prediction being waited on.
+    :param started_at: Epoch seconds when the prediction was created (drives the poll schedule, so a
+        trigger picked up again after a triggerer restart does not start over with fast polls).
+    :param end_time: Epoch deadline; ``None`` waits for ever.
+    :param poll_interval: The longest gap between two polls.
+    """
+
+    prediction_id: str
+    started_at: float
+    end_time: float | None = None
+    poll_interval: float = 10.0
+    rng: random.Random = field(default_factory=random.Random)
+    last_prediction: dict[str, Any] | None = None
+    polls: int = 0
+    _fatal_errors: int = 0
+    _bad_answers: int = 0
+    _transient_errors: int = 0
+    _last_error: str | None = None
+    _last_status: str | None = None
+
+    def first_delay(self, now: float) -> float:
+        """Delay before the first poll (soon after creation, later for an older prediction)."""
+        return self._clip(next_poll_delay(now - self.started_at, self.poll_interval, self.rng), now)
+
+    def on_prediction(self, prediction: Any, now: float) -> PollOutcome:
+        """Decide after a status check answered with ``prediction``."""
+        self.polls += 1
+        status = prediction.get("status") if isinstance(prediction, dict) else None
+        if not isinstance(status, str) or status not in NON_TERMINAL_STATUSES | FAILED_STATUSES | {"succeeded"}:
+            return self._bad_answer(f"the answer has no known status (status={status!r})", now)
+        self.last_prediction = compact_prediction(prediction)
+        self._fatal_errors = self._bad_answers = self._transient_errors = 0
+        self._last_error = None
+        self._last_status = status
+        if status not in NON_TERMINAL_STATUSES:
+            return PollOutcome(event=terminal_event(self.prediction_id, self.last_prediction))
+        return self._keep_polling(now)
+
+    def on_error(self, error: BaseException, now: float) -> PollOutcome:
+        """Decide after a status check raised ``error`` (after the hook's own retries)."""
+        self.polls += 1
+        self._last_error = str(error)
+        if isinstance(error, CometAPIConfigError):
+            return PollOutcome(event=self._event("error", str(error)))
+        if isinstance(error, (CometAPIAuthError, CometAPINotFoundError)):
+            self._fatal_errors += 1
+            if self._fatal_errors >= MAX_FATAL_ERRORS:
+                return PollOutcome(
+                    event=self._event(
+                        "error",
+                        f"Stopped waiting for prediction {self.prediction_id}: {self._fatal_errors} status "
+                        f"checks in a row failed with: {error}",
+                    )
+                )
+            return self._keep_polling(now, after_error=self._fatal_errors)
+        if isinstance(error, CometAPITransportError) or (isinstance(error, CometAPIError) and error.retryable):
+            # A busy or unreachable API never fails a task before its deadline: the prediction may be fine.
+            self._transient_errors += 1
+            return self._keep_polling(now, after_error=self._transient_errors)
+        return self._bad_answer(str(error), now)
+
+    def timeout_event(self, now: float) -> dict[str, Any]:
+        """The event for a deadline that passed while the prediction was still running."""
+        deadline = datetime.fromtimestamp(self.end_time or now, tz=timezone.utc).isoformat(timespec="seconds")
+        message = (
+            f"Prediction {self.prediction_id} did not finish by its deadline ({deadline}, "
+            f"{(self.end_time or now) - self.started_at:.0f} s after it was created); last status "
+            f"{self._last_status or 'unknown'}."
+        )
+        if self._last_error:
+            message += f" The last status check failed: {self._last_error}"
+        return self._event("timeout", message)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _bad_answer(self, reason: str, now: float) -> PollOutcome:
+        self._bad_answers += 1
+        self._last_error = reason
+        if self._bad_answers >= MAX_BAD_ANSWERS:
+            return PollOutcome(
+                event=self._event(
+                    "error",
+                    f"Stopped waiting for prediction {self.prediction_id}: {self._bad_answers} answers in a row "
+                    f"made no sense ({reason}).",
+                )
+            )
+        return self._keep_polling(now, after_error=self._bad_answers)
+
+    def _keep_polling(self, now: float, after_error: int = 0) -> PollOutcome:
+        if self.end_time is not None and now >= self.end_time:
+            return PollOutcome(event=self.timeout_event(now))
+        delay = next_poll_delay(now - self.started_at, self.poll_interval, self.rng)
+        if after_error:
+            # Back off on repeated errors too (capped at the poll interval): never a hot loop.
+            delay = max(delay, min(self.poll_interval, 2.0 ** min(after_error, 6)))
+        return PollOutcome(delay=self._clip(delay, now))
+
+    def _clip(self, delay: float, now: float) -> float:
+        # Wake up at the deadline rather than after it, so a timeout is reported on time.
+        if self.end_time is not None:
+            delay = min(delay, max(0.0, self.end_time - now))
+        return delay
+
+    def _event(self, status: str, message: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "prediction_id": self.prediction_id,
+            "prediction": self.last_prediction,
+            "message": message,
+        }
+
+
+def terminal_event(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
+    """The event for a prediction that reached a terminal status."""
+    status = prediction["status"]
+    if status == "succeeded":
+        message = f"Prediction {prediction_id} succeeded."
+    else:
+        error = prediction.get("error") or "no error message"
+        message = f"Prediction {prediction_id} of {prediction.get('model', '?')} ended {status}: {error}"
+    # Replicate's "aborted" (never started) is reported as a failure: it produced nothing.
+    return {
+        "status": "failed" if status == "aborted" else status,
+        "prediction_id": prediction_id,
+        "prediction": compact_prediction(prediction),
+        "message": message,
+    }
+
+
+def is_terminal(prediction: dict[str, Any]) -> bool:
+    return prediction.get("status") not in NON_TERMINAL_STATUSES
+
+
+def compact_prediction(prediction: dict[str, Any]) -> dict[str, Any]:
+    """The prediction object, with very large input values (data: URIs of input images) elided.
+
+    Keeps trigger events and XCom small; the outputs and everything else are kept as they are.
+    """
+    data = dict(prediction)
+    inputs = data.get("input")
+    if isinstance(inputs, dict) and any(_is_large(v) for v in inputs.values()):
+        data["input"] = {k: (_elide(v) if _is_large(v) else v) for k, v in inputs.items()}
+    return data
+
+
+def _is_large(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) > _LARGE_VALUE
+    if isinstance(value, list):
+        return any(_is_large(v) for v in value)
+    return False
+
+
+def _elide(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_elide(v) if _is_large(v) else v for v in value]
+    return f"{value[:40]}... ({len(value)} characters elided)"

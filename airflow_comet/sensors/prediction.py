@@ -1,0 +1,119 @@
+"""PredictionSensor: wait for a CometAPI prediction to succeed (poke, reschedule or deferrable)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import BaseSensorOperator, conf
+
+from airflow_comet.exceptions import CometAPIError, PredictionFailedError
+from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.links import PredictionLink
+from airflow_comet.operators._waiting import PredictionWaitMixin
+from airflow_comet.polling import PredictionPoller, terminal_event
+from airflow_comet.validation import is_templated, validate_prediction_id
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+
+class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
+    """
+    Wait until a prediction has succeeded; its XCom ``return_value`` is the final prediction object.
+
+    Fails when the prediction ends ``failed``, ``canceled`` or ``aborted``, with the API's error text.
+    In deferrable mode the wait runs in the triggerer and holds no worker slot; the trigger polls about
+    a second after creation at first and backs off towards ``poke_interval``.
+
+    :param prediction_id: The prediction to wait for, usually ``create.output`` (templated).
+    :param cometapi_conn_id: The CometAPI connection.
+    :param deferrable: Wait in the triggerer (default ``[operators] default_deferrable``).
+    :param cancel_on_kill: Cancel the prediction when the task is stopped or times out.
+    """
+
+    template_fields: Sequence[str] = ("prediction_id",)
+    ui_color = "#f0ecfd"
+    operator_extra_links = (PredictionLink(),)
+
+    def __init__(
+        self,
+        *,
+        prediction_id: str,
+        cometapi_conn_id: str = CometAPIHook.default_conn_name,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        cancel_on_kill: bool = True,
+        poke_interval: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poke_interval=poke_interval, **kwargs)
+        if not is_templated(prediction_id):
+            validate_prediction_id(prediction_id)
+        self.prediction_id = prediction_id
+        self.cometapi_conn_id = cometapi_conn_id
+        self.deferrable = deferrable
+        self.cancel_on_kill = cancel_on_kill
+        self._poller: PredictionPoller | None = None
+
+    @property
+    def poll_interval(self) -> float:  # the name the shared waiting code uses
+        return float(self.poke_interval)
+
+    @cached_property
+    def hook(self) -> CometAPIHook:
+        return CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
+
+    def execute(self, context: Context) -> Any:
+        validate_prediction_id(self.prediction_id)
+        if not self.deferrable:
+            return super().execute(context)
+        # Check once before deferring: a prediction that is already done needs no trigger.
+        prediction = self.hook.get_prediction(self.prediction_id)
+        self._push_link(context, prediction)
+        poller = PredictionPoller(prediction_id=self.prediction_id, started_at=0.0)
+        outcome = poller.on_prediction(prediction, 0.0)
+        if outcome.event is not None:
+            return self._finish(outcome.event)
+        end_time, is_task_timeout = self._deadline(context, float(self.timeout) if self.timeout else None)
+        self.defer(
+            trigger=self._trigger(prediction, end_time),
+            method_name="execute_complete",
+            kwargs={"deadline_is_task_timeout": is_task_timeout},
+            timeout=None,
+        )
+
+    def poke(self, context: Context) -> bool | Any:
+        """One status check (poke and reschedule modes); transient errors only mean "not yet"."""
+        validate_prediction_id(self.prediction_id)
+        if self._poller is None:
+            self._poller = PredictionPoller(prediction_id=self.prediction_id, started_at=0.0)
+        try:
+            prediction = self.hook.get_prediction(self.prediction_id)
+        except CometAPIError as error:
+            outcome = self._poller.on_error(error, 0.0)
+            if outcome.event is None:
+                self.log.warning("Status check failed, trying again at the next poke: %s", error)
+                return False
+            raise PredictionFailedError(outcome.event["message"]) from error
+        if self._poller.polls == 0:
+            self._push_link(context, prediction)
+        outcome = self._poller.on_prediction(prediction, 0.0)
+        self.log.info("Prediction %s is %s", self.prediction_id, prediction.get("status"))
+        if outcome.event is None:
+            return False
+        # Returning the prediction through PokeReturnValue makes it the task's XCom return_value.
+        from airflow.providers.common.compat.sdk import PokeReturnValue
+
+        return PokeReturnValue(is_done=True, xcom_value=self._finish(outcome.event))
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, deadline_is_task_timeout: bool = False
+    ) -> dict[str, Any]:
+        """Resume after the trigger fired: return the prediction, or fail with the event's message."""
+        return self._finish(event, deadline_is_task_timeout=deadline_is_task_timeout)
+
+    def on_kill(self) -> None:
+        """Cancel the prediction (best effort) when the task is stopped in the worker."""
+        if isinstance(self.prediction_id, str) and not is_templated(self.prediction_id):
+            self._cancel_on_kill(self.prediction_id)

@@ -1,0 +1,147 @@
+"""A trigger that waits for a CometAPI prediction in the triggerer, without holding a worker slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_comet.exceptions import CometAPIError
+from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.polling import PredictionPoller
+
+
+class PredictionTrigger(BaseTrigger):
+    """
+    Poll a prediction until it is terminal; fire exactly one event.
+
+    The event is a dict: ``status`` (one of succeeded, failed, canceled, timeout, error),
+    ``prediction_id``, ``prediction`` (the last prediction object seen, or ``None``) and ``message``.
+
+    :param prediction_id: The prediction to wait for.
+    :param cometapi_conn_id: The CometAPI connection.
+    :param poll_interval: The longest gap between two status checks, in seconds. The first checks come
+        about a second apart and the gap grows with the prediction's age.
+    :param started_at: Epoch seconds when the prediction was created (drives the poll schedule).
+    :param end_time: Epoch deadline; at it the trigger fires a ``timeout`` event (it does not cancel: the
+        task's ``execute_complete`` does, so the failure and the cancel are reported together).
+    :param cancel_on_kill: Cancel the prediction when a person stops the deferred task (Airflow >= 3.3).
+    """
+
+    def __init__(
+        self,
+        prediction_id: str,
+        cometapi_conn_id: str = CometAPIHook.default_conn_name,
+        poll_interval: float = 10.0,
+        started_at: float | None = None,
+        end_time: float | None = None,
+        cancel_on_kill: bool = True,
+    ) -> None:
+        super().__init__()
+        self.prediction_id = prediction_id
+        self.cometapi_conn_id = cometapi_conn_id
+        self.poll_interval = float(poll_interval)
+        self.started_at = float(started_at) if started_at is not None else time.time()
+        self.end_time = float(end_time) if end_time is not None else None
+        self.cancel_on_kill = cancel_on_kill
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "prediction_id": self.prediction_id,
+                "cometapi_conn_id": self.cometapi_conn_id,
+                "poll_interval": self.poll_interval,
+                "started_at": self.started_at,
+                "end_time": self.end_time,
+                "cancel_on_kill": self.cancel_on_kill,
+            },
+        )
+
+    def _hook(self) -> CometAPIHook:
+        return CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        poller = PredictionPoller(
+            prediction_id=self.prediction_id,
+            started_at=self.started_at,
+            end_time=self.end_time,
+            poll_interval=self.poll_interval,
+        )
+        try:
+            # One HTTP session for the whole wait: polls reuse its keep-alive connection.
+            async with self._hook() as hook:
+                delay = poller.first_delay(time.time())
+                while True:
+                    await asyncio.sleep(delay)
+                    try:
+                        prediction = await hook.aget_prediction(self.prediction_id)
+                    except CometAPIError as error:
+                        outcome = poller.on_error(error, time.time())
+                    else:
+                        outcome = poller.on_prediction(prediction, time.time())
+                        self._log_progress(poller)
+                    if outcome.event is not None:
+                        self.log.info("Prediction %s: %s", self.prediction_id, outcome.event["message"])
+                        yield TriggerEvent(outcome.event)
+                        return
+                    delay = outcome.delay
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as error:  # noqa: BLE001 - the task must hear about it, not the triggerer's log only
+            self.log.exception("Waiting for prediction %s failed", self.prediction_id)
+            yield TriggerEvent(
+                {
+                    "status": "error",
+                    "prediction_id": self.prediction_id,
+                    "prediction": poller.last_prediction,
+                    "message": f"Waiting for prediction {self.prediction_id} failed: {error}",
+                }
+            )
+
+    def _log_progress(self, poller: PredictionPoller) -> None:
+        prediction = poller.last_prediction or {}
+        self.log.debug("Prediction %s is %s (poll %d)", self.prediction_id, prediction.get("status"), poller.polls)
+
+    async def on_kill(self) -> None:
+        """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""
+        if not self.cancel_on_kill:
+            return
+        state = await self._task_state()
+        if state is None or state == "deferred":
+            # Airflow 3.3.2 also calls on_kill when a stale triggerer loses this trigger to another one
+            # (apache/airflow#73454): the task is still deferred and the prediction is healthy. When the state
+            # cannot be read we cannot tell the two apart, and a healthy prediction is worth more than the
+            # cost of letting a stopped one finish.
+            self.log.info(
+                "Not cancelling prediction %s: its task is %s.",
+                self.prediction_id,
+                "still deferred (the trigger moved to another triggerer)" if state else "in an unknown state",
+            )
+            return
+        self.log.info("Task stopped (state %s); cancelling prediction %s", state, self.prediction_id)
+        async with self._hook() as hook:
+            await hook.acancel_prediction(self.prediction_id)
+
+    async def _task_state(self) -> str | None:
+        """The task instance's current state, as the API server knows it (``None`` if unknown)."""
+        ti = getattr(self, "task_instance", None)
+        if ti is None:
+            return None
+        try:
+            from asgiref.sync import sync_to_async
+            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+            map_index = getattr(ti, "map_index", -1)
+            states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
+                dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=map_index
+            )
+        except Exception:  # noqa: BLE001 - an unknown state must not stop a real cancel
+            self.log.warning("Could not read the state of task %s", getattr(ti, "task_id", "?"), exc_info=True)
+            return None
+        key = ti.task_id if map_index is None or map_index < 0 else f"{ti.task_id}_{map_index}"
+        state = (states.get(ti.run_id) or {}).get(key)
+        return str(getattr(state, "value", state)) if state is not None else None
