@@ -56,7 +56,7 @@ class RetryPolicy:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             logger.warning(
-                "%s failed (%s); retry %d of %d in %.1f s",
+                "%s failed (%s); retry %d of %d in %.2f s",
                 what,
                 error,
                 state.attempt_number,

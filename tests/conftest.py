@@ -1,0 +1,37 @@
+"""Shared fixtures: real HTTP servers on 127.0.0.1 and CometAPI connections pointing at them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.scripted_server import ScriptedServer
+
+API_KEY = "sk-test-SECRET-0123456789"
+
+#: Fast retries for tests: the policy is the same, only the first backoff is shorter.
+FAST_EXTRAS = {"retry_backoff": 0.05, "max_retries": 4, "read_timeout": 5, "connect_timeout": 2}
+
+
+def set_connection(monkeypatch: pytest.MonkeyPatch, host: str, *, key: str = API_KEY, conn_id: str = "cometapi_default", **extra: object) -> None:
+    """Point a CometAPI connection at ``host`` through an ``AIRFLOW_CONN_...`` variable."""
+    conn = {"conn_type": "cometapi", "password": key, "host": host, "extra": {**FAST_EXTRAS, **extra}}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedServer]:
+    with ScriptedServer() as server:
+        set_connection(monkeypatch, server.url)
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loopback only: a proxy from the environment must never see test traffic.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -1,0 +1,320 @@
+"""The hook against a real scripted HTTP server: requests, the retry taxonomy, timeouts, non-JSON answers."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import time
+
+import pytest
+
+from airflow_comet.exceptions import (
+    CometAPIAmbiguousCreateError,
+    CometAPIAuthError,
+    CometAPIConfigError,
+    CometAPINotFoundError,
+    CometAPINotJSONError,
+    CometAPIResponseError,
+    CometAPITransportError,
+)
+from airflow_comet.hooks.cometapi import CometAPIHook
+from tests.conftest import API_KEY, set_connection
+from tests.scripted_server import Answer, envelope, prediction
+
+MODES = ["sync", "async"]
+
+
+def get(mode: str, prediction_id: str = "p1") -> dict:
+    hook = CometAPIHook()
+    if mode == "sync":
+        return hook.get_prediction(prediction_id)
+
+    async def run() -> dict:
+        async with hook:
+            return await hook.aget_prediction(prediction_id)
+
+    return asyncio.run(run())
+
+
+def create(mode: str, **kwargs: object) -> dict:
+    hook = CometAPIHook()
+    args = ("black-forest-labs/flux-schnell", {"prompt": "a paper boat", "aspect_ratio": "1:1"})
+    if mode == "sync":
+        return hook.create_prediction(*args, **kwargs)
+
+    async def run() -> dict:
+        async with hook:
+            return await hook.acreate_prediction(*args, **kwargs)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_sends_input_to_model_path_with_bearer_key(scripted, mode):
+    scripted.script(Answer(201, prediction("abc")))
+    result = create(mode)
+    assert result["id"] == "abc"
+    [seen] = scripted.seen
+    assert seen.method == "POST"
+    assert seen.path == "/replicate/v1/models/black-forest-labs/flux-schnell/predictions"
+    assert json.loads(seen.body) == {"input": {"prompt": "a paper boat", "aspect_ratio": "1:1"}}
+    assert seen.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert seen.headers["User-Agent"].startswith("airflow-comet/")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_status_url_is_built_from_the_connection_never_from_urls(scripted, mode):
+    # The answer's urls.get points elsewhere: the second query must still go to the connection's host.
+    scripted.script(Answer(200, prediction("abc", "processing")))
+    get(mode, "abc")
+    get(mode, "abc")
+    assert [s.path for s in scripted.seen] == ["/replicate/v1/predictions/abc"] * 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 524])
+def test_transient_5xx_is_retried(scripted, mode, status):
+    scripted.script(Answer(status, envelope("upstream busy")), Answer(200, prediction(status="processing")))
+    assert get(mode)["status"] == "processing"
+    assert len(scripted.seen) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gateway_html_524_is_retried_not_a_config_error(scripted, mode):
+    scripted.script(Answer(524, "<html>A timeout occurred</html>"), Answer(200, prediction()))
+    assert get(mode)["id"] == "p1"
+    assert len(scripted.seen) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_429_honours_retry_after_seconds(scripted, mode):
+    scripted.script(
+        Answer(429, envelope("rate limited", "rate_limit_exceeded"), headers={"Retry-After": "1"}),
+        Answer(200, prediction()),
+    )
+    get(mode)
+    first, second = scripted.seen
+    assert second.at - first.at >= 0.95
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_429_honours_retry_after_http_date(scripted, mode):
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)
+    scripted.script(Answer(429, envelope("slow down"), headers={"Retry-After": when}), Answer(200, prediction()))
+    get(mode)
+    first, second = scripted.seen
+    # An HTTP date has one-second resolution: at least ~1 s, and not the 0.05 s exponential backoff.
+    assert second.at - first.at >= 0.9
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (400, envelope("input.prompt is required", "invalid_request"), CometAPIResponseError),
+        (401, envelope("invalid api key", "invalid_api_key"), CometAPIAuthError),
+        (403, envelope("model not allowed"), CometAPIAuthError),
+        (500, envelope("malformed request", "invalid_request"), CometAPIResponseError),
+    ],
+)
+def test_non_retryable_errors_fail_at_once(scripted, mode, status, body, error):
+    scripted.script(Answer(status, body), Answer(200, prediction()))
+    with pytest.raises(error) as info:
+        create(mode)
+    assert len(scripted.seen) == 1
+    assert body["error"]["message"] in str(info.value)
+    assert str(status) in str(info.value)
+
+
+def test_auth_error_names_the_connection(scripted):
+    scripted.script(Answer(401, envelope("Invalid token")))
+    with pytest.raises(CometAPIAuthError, match="cometapi_default"):
+        get("sync")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_html_page_is_a_clear_error_naming_status_type_and_cause(scripted, mode):
+    scripted.script(Answer(200, "<!doctype html><html><body>Welcome</body></html>"))
+    with pytest.raises(CometAPINotJSONError) as info:
+        get(mode)
+    text = str(info.value)
+    assert "200" in text and "text/html" in text and "host" in text
+    assert len(scripted.seen) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_redirect_is_not_followed_and_is_a_clear_error(scripted, mode):
+    scripted.script(Answer(301, "<html>Moved</html>", headers={"Location": "https://elsewhere.example/x"}))
+    with pytest.raises(CometAPINotJSONError, match="301") as info:
+        get(mode)
+    assert "elsewhere.example" in str(info.value)
+    assert len(scripted.seen) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_json_is_a_clear_error(scripted, mode):
+    scripted.script(Answer(200, '{"id": "p1", "status": "proc', content_type="application/json"))
+    with pytest.raises(CometAPINotJSONError, match="application/json"):
+        get(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_error_envelope_with_200_is_an_error(scripted, mode):
+    scripted.script(Answer(200, envelope("quota exhausted", "insufficient_quota")))
+    with pytest.raises(CometAPIResponseError, match="quota exhausted"):
+        get(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_read_timeout_on_status_is_retried(scripted, monkeypatch, mode):
+    set_connection(monkeypatch, scripted.url, read_timeout=0.5)
+    scripted.script(Answer(200, prediction(), delay=1.5), Answer(200, prediction(status="processing")))
+    assert get(mode)["status"] == "processing"
+    assert len(scripted.seen) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_that_may_have_reached_the_server_is_not_resent(scripted, monkeypatch, mode):
+    set_connection(monkeypatch, scripted.url, read_timeout=0.5)
+    scripted.script(Answer(201, prediction(), delay=1.5))
+    with pytest.raises(CometAPIAmbiguousCreateError, match="not sent again"):
+        create(mode)
+    time.sleep(1.2)  # let the slow answer finish so the count is final
+    assert len(scripted.seen) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_is_retried_when_the_connection_was_refused(monkeypatch, mode):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    set_connection(monkeypatch, f"http://127.0.0.1:{port}", max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(CometAPITransportError) as info:
+        create(mode)
+    assert not isinstance(info.value, CometAPIAmbiguousCreateError)
+    assert info.value.maybe_sent is False
+    assert time.monotonic() - started >= 0.05  # it backed off between attempts
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_retries_stop_after_max_retries(scripted, monkeypatch, mode):
+    set_connection(monkeypatch, scripted.url, max_retries=2)
+    scripted.script(Answer(503, envelope("down")))
+    with pytest.raises(CometAPIResponseError, match="503"):
+        get(mode)
+    assert len(scripted.seen) == 3
+
+
+def test_async_hook_keeps_one_connection_for_many_requests(scripted):
+    scripted.script(Answer(200, prediction(status="processing")))
+    hook = CometAPIHook()
+
+    async def run() -> None:
+        async with hook:
+            for _ in range(5):
+                await hook.aget_prediction("p1")
+
+    asyncio.run(run())
+    assert len(scripted.seen) == 5
+    assert scripted.connections == 1
+
+
+def test_sync_hook_keeps_one_connection_for_many_requests(scripted):
+    scripted.script(Answer(200, prediction(status="processing")))
+    hook = CometAPIHook()
+    for _ in range(5):
+        hook.get_prediction("p1")
+    assert scripted.connections == 1
+
+
+def test_key_echoed_by_the_server_is_scrubbed_from_errors(scripted):
+    scripted.script(Answer(400, envelope(f"bad key {API_KEY} for model")))
+    with pytest.raises(CometAPIResponseError) as info:
+        get("sync")
+    assert API_KEY not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_key_stays_out_of_logs_while_retrying(scripted, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    scripted.script(
+        Answer(503, envelope(f"upstream said {API_KEY}")),
+        Answer(429, envelope("slow"), headers={"Retry-After": "0"}),
+        Answer(200, prediction()),
+    )
+    get("sync")
+    # Airflow 3 logs through structlog to stdout, Airflow 2 through logging: read both.
+    logged = caplog.text + capsys.readouterr().out
+    assert "retry 2 of 4" in logged
+    assert API_KEY not in logged
+
+
+def test_own_extras_are_not_sent_as_headers(scripted, monkeypatch):
+    set_connection(monkeypatch, scripted.url, max_requests_per_second=5)
+    scripted.script(Answer(200, prediction()))
+    get("sync")
+    sent = {k.lower() for k in scripted.seen[0].headers}
+    assert not sent & {"read_timeout", "max_retries", "retry_backoff", "max_requests_per_second"}
+
+
+def test_test_connection_accepts_a_json_404_and_rejects_401_and_html(scripted):
+    scripted.script(Answer(404, envelope("prediction not found", "not_found")))
+    ok, message = CometAPIHook().test_connection()
+    assert ok, message
+    scripted.script(Answer(401, envelope("Invalid token")))
+    ok, message = CometAPIHook().test_connection()
+    assert not ok and "401" in message
+    scripted.script(Answer(200, "<html>hi</html>"))
+    ok, message = CometAPIHook().test_connection()
+    assert not ok and "host" in message
+
+
+def test_cancel_missing_endpoint_is_logged_not_raised(scripted):
+    scripted.script(Answer(404, envelope("no such route")))
+    assert CometAPIHook().cancel_prediction("p1") is None
+
+
+def test_not_found_prediction(scripted):
+    scripted.script(Answer(404, envelope("prediction not found", "not_found")))
+    with pytest.raises(CometAPINotFoundError):
+        get("sync", "nope")
+
+
+def test_empty_key_names_the_connection(monkeypatch):
+    set_connection(monkeypatch, "http://127.0.0.1:9", key="")
+    with pytest.raises(CometAPIConfigError, match="cometapi_default.*password"):
+        get("sync")
+
+
+def test_missing_connection_names_it(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_COMETAPI_DEFAULT", raising=False)
+    with pytest.raises(Exception, match="cometapi_default"):
+        CometAPIHook().get_prediction("p1")
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        (None, "https://api.cometapi.com"),
+        ("api.cometapi.com", "https://api.cometapi.com"),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+        ("https://api.cometapi.com/replicate/v1", "https://api.cometapi.com"),
+    ],
+)
+def test_host_normalisation(host, expected):
+    from airflow_comet.hooks._protocol import base_url_from
+
+    assert base_url_from("c", host, None) == expected
+
+
+def test_prediction_id_that_would_change_the_path_is_refused(scripted):
+    scripted.script(Answer(200, prediction()))
+    with pytest.raises(ValueError, match="prediction_id"):
+        CometAPIHook().get_prediction("../models/x")
+    assert scripted.seen == []
