@@ -66,7 +66,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         cometapi_conn_id: str = CometAPIHook.default_conn_name,
         wait_for_completion: bool = False,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-        poll_interval: float = 10.0,
+        poll_interval: float = 20.0,
         timeout: float | None = 3600.0,
         prefer_wait: int | None = None,
         cancel_on_kill: bool = True,

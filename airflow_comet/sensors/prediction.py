@@ -44,7 +44,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         cometapi_conn_id: str = CometAPIHook.default_conn_name,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         cancel_on_kill: bool = True,
-        poke_interval: float = 10.0,
+        poke_interval: float = 20.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(poke_interval=poke_interval, **kwargs)

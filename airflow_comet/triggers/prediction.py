@@ -35,7 +35,7 @@ class PredictionTrigger(BaseTrigger):
         self,
         prediction_id: str,
         cometapi_conn_id: str = CometAPIHook.default_conn_name,
-        poll_interval: float = 10.0,
+        poll_interval: float = 20.0,
         started_at: float | None = None,
         end_time: float | None = None,
         cancel_on_kill: bool = True,

@@ -1,0 +1,141 @@
+"""The one decision function behind every wait: schedule, terminal events, errors, deadlines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from airflow_comet.exceptions import (
+    CometAPIAuthError,
+    CometAPIConfigError,
+    CometAPINotFoundError,
+    CometAPINotJSONError,
+    CometAPIResponseError,
+    CometAPITransportError,
+)
+from airflow_comet.polling import (
+    MAX_BAD_ANSWERS,
+    MAX_FATAL_ERRORS,
+    PredictionPoller,
+    compact_prediction,
+    next_poll_delay,
+)
+from tests.scripted_server import prediction
+
+
+def poller(**kwargs) -> PredictionPoller:
+    return PredictionPoller(prediction_id="p1", started_at=0.0, rng=random.Random(1), **kwargs)
+
+
+def test_first_poll_is_soon_and_gaps_grow_to_the_poll_interval():
+    rng = random.Random(0)
+    assert poller().first_delay(0.0) == pytest.approx(1.0)
+    assert poller().first_delay(3.0) == 0.0  # picked up late while young: check at once
+    young = [next_poll_delay(age, 20, rng) for age in (1, 5, 9)]
+    assert all(1.5 <= d <= 1.9 for d in young)  # a young prediction's end is noticed within ~2 s
+    older = [next_poll_delay(age, 20, rng) for age in (15, 30, 60)]
+    assert older == sorted(older) and older[0] > 2.5
+    assert 18 <= next_poll_delay(600, 20, rng) <= 22  # capped at the poll interval
+
+
+def simulate_requests(duration: float, poll_interval: float = 20.0) -> int:
+    """Status requests a poller sends for a prediction that takes ``duration`` seconds."""
+    p = PredictionPoller(prediction_id="p1", started_at=0.0, poll_interval=poll_interval)
+    now = p.first_delay(0.0)
+    polls = 0
+    while True:
+        polls += 1
+        status = "succeeded" if now >= duration else "processing"
+        outcome = p.on_prediction(prediction(status=status), now)
+        if outcome.event:
+            return polls
+        now += outcome.delay
+
+
+def test_requests_per_prediction_stay_small():
+    assert simulate_requests(2) <= 2
+    # A 60 s prediction costs at most 12 status requests, whatever the jitter.
+    assert max(simulate_requests(60) for _ in range(50)) <= 12
+
+
+def test_terminal_statuses_end_the_wait():
+    assert poller().on_prediction(prediction(status="succeeded"), 1).event["status"] == "succeeded"
+    failed = poller().on_prediction(prediction(status="failed", error="NSFW content detected"), 1).event
+    assert failed["status"] == "failed" and "NSFW content detected" in failed["message"]
+    assert "p1" in failed["message"]
+    assert poller().on_prediction(prediction(status="canceled"), 1).event["status"] == "canceled"
+    # Replicate's "aborted" produced nothing: report it as failed, naming the real status.
+    aborted = poller().on_prediction(prediction(status="aborted"), 1).event
+    assert aborted["status"] == "failed" and "aborted" in aborted["message"]
+
+
+def test_running_prediction_keeps_polling():
+    outcome = poller().on_prediction(prediction(status="processing"), 1)
+    assert outcome.event is None and outcome.delay > 0
+
+
+def test_transient_errors_never_fail_before_the_deadline():
+    p = poller(end_time=1000.0)
+    for i in range(100):
+        outcome = p.on_error(CometAPIResponseError("503", status_code=503, retryable=True), float(i))
+        assert outcome.event is None
+        assert outcome.delay >= 0.2  # never a hot loop
+    assert p.on_error(CometAPITransportError("reset", maybe_sent=True), 1000.0).event["status"] == "timeout"
+
+
+def test_auth_lost_or_prediction_gone_fails_after_a_few_in_a_row():
+    for error in (CometAPIAuthError("401", status_code=401), CometAPINotFoundError("404", status_code=404)):
+        p = poller()
+        events = [p.on_error(error, float(i)).event for i in range(MAX_FATAL_ERRORS)]
+        assert events[:-1] == [None] * (MAX_FATAL_ERRORS - 1)
+        assert events[-1]["status"] == "error" and str(error) in events[-1]["message"]
+
+
+def test_a_good_answer_resets_the_error_count():
+    p = poller()
+    for _ in range(MAX_FATAL_ERRORS - 1):
+        p.on_error(CometAPIAuthError("401"), 1)
+    p.on_prediction(prediction(status="processing"), 2)
+    assert p.on_error(CometAPIAuthError("401"), 3).event is None
+
+
+def test_nonsense_answers_get_a_bounded_number_of_tries():
+    p = poller()
+    outcomes = [p.on_prediction({"id": "p1", "status": "weird"}, float(i)) for i in range(MAX_BAD_ANSWERS)]
+    assert all(o.event is None for o in outcomes[:-1])
+    assert outcomes[-1].event["status"] == "error" and "weird" in outcomes[-1].event["message"]
+    p = poller()
+    for i in range(MAX_BAD_ANSWERS - 1):
+        assert p.on_error(CometAPINotJSONError("html"), float(i)).event is None
+    assert p.on_error(CometAPINotJSONError("html"), 99.0).event["status"] == "error"
+
+
+def test_config_error_fails_at_once():
+    assert poller().on_error(CometAPIConfigError("no key"), 0).event["status"] == "error"
+
+
+def test_deadline_gives_a_timeout_event_naming_it_and_the_last_status():
+    p = poller(end_time=30.0)
+    p.on_prediction(prediction(status="processing"), 10)
+    event = p.on_prediction(prediction(status="processing"), 30.5).event
+    assert event["status"] == "timeout"
+    assert "processing" in event["message"] and "p1" in event["message"]
+    assert event["prediction"]["status"] == "processing"
+
+
+def test_delay_never_passes_the_deadline():
+    p = poller(end_time=5.5, poll_interval=60)
+    assert p.on_prediction(prediction(status="processing"), 5.0).delay <= 0.5 + 1e-9
+
+
+def test_compact_prediction_elides_data_uris_but_keeps_outputs():
+    big = "data:image/png;base64," + "A" * 5000
+    compact = compact_prediction(prediction(status="succeeded", input={"input_image": big, "prompt": "x"}, output=["u"]))
+    assert len(compact["input"]["input_image"]) < 100
+    assert compact["input"]["prompt"] == "x" and compact["output"] == ["u"]
+
+
+@pytest.mark.parametrize("bad", [None, "text", 3])
+def test_not_a_dict_is_a_bad_answer(bad):
+    assert poller().on_prediction(bad, 0).event is None
