@@ -35,3 +35,13 @@ def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def sim(monkeypatch: pytest.MonkeyPatch):
+    """The built-in CometAPI simulator with fast predictions, and ``cometapi_default`` pointing at it."""
+    from airflow_comet.testing import CometAPISimulator, Faults
+
+    with CometAPISimulator(api_key=API_KEY, faults=Faults(durations=(0.3, 1.0))) as simulator:
+        set_connection(monkeypatch, simulator.base_url)
+        yield simulator

@@ -1,0 +1,153 @@
+"""Whole DAGs run for real with ``dag.test()`` against the simulator: XCom contract, failures, retries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from airflow_comet.operators.prediction import CreatePredictionOperator
+from airflow_comet.sensors.prediction import PredictionSensor
+from airflow_comet.testing import Faults
+from tests.conftest import API_KEY, set_connection
+from tests.dagrun import DAG, run, states, xcom
+
+FLUX = "black-forest-labs/flux-schnell"
+
+
+def dag(dag_id: str, **kwargs) -> DAG:
+    return DAG(dag_id, start_date=datetime(2026, 1, 1), schedule=None, catchup=False, **kwargs)
+
+
+def test_create_then_deferrable_sensor(sim):
+    with dag("t_create_sense") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "a fox", "aspect_ratio": "1:1"})
+        PredictionSensor(task_id="wait", prediction_id=create.output, deferrable=True, timeout=60)
+    dr = run(d)
+    assert states(dr) == {"create": "success", "wait": "success"}
+    prediction_id = xcom(dr, "create")
+    assert isinstance(prediction_id, str) and [r.prediction_id for r in sim.creates()] == [prediction_id]
+    final = xcom(dr, "wait")
+    assert final["id"] == prediction_id and final["status"] == "succeeded"
+    assert final["output"] and all(url.startswith(sim.delivery_url) for url in final["output"])
+    # The link was pushed before waiting: the prediction's web page on the API's answer.
+    assert xcom(dr, "create", "prediction_url").endswith(prediction_id)
+
+
+@pytest.mark.parametrize("mode", ["poke", "reschedule"])
+def test_sensor_in_worker_modes(sim, mode):
+    if mode == "reschedule":
+        pytest.importorskip("airflow.sdk", reason="reschedule in dag.test() needs Airflow 3")
+    with dag(f"t_sensor_{mode}") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "a fox"})
+        PredictionSensor(task_id="wait", prediction_id=create.output, mode=mode, poke_interval=0.5, timeout=60)
+    dr = run(d)
+    assert states(dr)["wait"] == "success"
+    assert xcom(dr, "wait")["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_one_task_creates_and_waits(sim, deferrable):
+    with dag(f"t_one_task_{deferrable}") as d:
+        CreatePredictionOperator(
+            task_id="gen", model=FLUX, input={"prompt": "a boat"}, wait_for_completion=True, deferrable=deferrable
+        )
+    dr = run(d)
+    assert states(dr) == {"gen": "success"}
+    prediction_id = xcom(dr, "gen")
+    assert isinstance(prediction_id, str)
+    assert xcom(dr, "gen", "prediction")["id"] == prediction_id
+    assert xcom(dr, "gen", "prediction")["status"] == "succeeded"
+    assert len(sim.creates()) == 1
+
+
+def test_failed_prediction_fails_the_task(sim):
+    sim.set_faults(Faults(durations=0.3, fail_rate=1.0))
+    with dag("t_failed") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
+        PredictionSensor(task_id="wait", prediction_id=create.output, deferrable=True, timeout=60)
+    dr = run(d)
+    assert states(dr) == {"create": "success", "wait": "failed"}
+    assert xcom(dr, "wait") is None
+
+
+def test_bad_key_fails_create_without_retrying(sim, monkeypatch):
+    set_connection(monkeypatch, sim.base_url, key="sk-wrong")
+    with dag("t_bad_key") as d:
+        CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
+    dr = run(d)
+    assert states(dr) == {"create": "failed"}
+    creates = sim.creates()
+    assert len(creates) == 1 and creates[0].status == 401
+
+
+def test_flaky_polling_still_one_create(sim):
+    sim.set_faults(Faults(durations=3.0, poll_5xx_rate=0.5, rate_limit_429=2, retry_after=1))
+    with dag("t_flaky") as d:
+        CreatePredictionOperator(
+            task_id="gen", model=FLUX, input={"prompt": "x"}, wait_for_completion=True, deferrable=True
+        )
+    dr = run(d)
+    assert states(dr) == {"gen": "success"}
+    created = [r for r in sim.creates() if r.status == 201]
+    assert len(created) == 1
+    assert any(r.status >= 429 for r in sim.requests)
+
+
+def test_templated_input_renders_nested_jinja(sim):
+    with dag("t_templated", params={"prompt": "a red lighthouse", "fmt": "png"}) as d:
+        CreatePredictionOperator(
+            task_id="create",
+            model="{{ 'black-forest-labs' }}/flux-schnell",
+            input={"prompt": "{{ params.prompt }}", "extra": {"format": "{{ params.fmt }}"}, "output_format": "png"},
+        )
+    dr = run(d)
+    prediction = sim.prediction(xcom(dr, "create"))
+    assert prediction["input"]["prompt"] == "a red lighthouse"
+    assert prediction["input"]["extra"] == {"format": "png"}
+    assert prediction["model"] == FLUX
+
+
+def test_timeout_fails_and_cancels(sim):
+    sim.set_faults(Faults(never_finish=True))
+    with dag("t_timeout") as d:
+        CreatePredictionOperator(
+            task_id="gen", model=FLUX, input={"prompt": "x"}, wait_for_completion=True, deferrable=True, timeout=2
+        )
+    dr = run(d)
+    assert states(dr) == {"gen": "failed"}
+    [created] = sim.creates()
+    assert len(sim.cancels(created.prediction_id)) == 1
+    assert sim.prediction(created.prediction_id)["status"] == "canceled"
+
+
+def test_mapped_create_and_sense(sim):
+    prompts = ["one", "two", "three"]
+    with dag("t_mapped") as d:
+        create = CreatePredictionOperator.partial(task_id="create", model=FLUX).expand(
+            input=[{"prompt": p} for p in prompts]
+        )
+        PredictionSensor.partial(task_id="wait", deferrable=True, timeout=60).expand(prediction_id=create.output)
+    dr = run(d)
+    assert set(states(dr).values()) == {"success"}
+    ids = [xcom(dr, "create", map_index=i) for i in range(3)]
+    assert len(set(ids)) == 3 and len(sim.creates()) == 3
+    assert sorted(sim.prediction(i)["input"]["prompt"] for i in ids) == sorted(prompts)
+    assert [xcom(dr, "wait", map_index=i)["id"] for i in range(3)] == ids
+
+
+def test_key_stays_out_of_xcom_and_rendered_fields(sim):
+    with dag("t_secrets") as d:
+        CreatePredictionOperator(
+            task_id="gen", model=FLUX, input={"prompt": "x"}, wait_for_completion=True, deferrable=True
+        )
+    dr = run(d)
+    for key in ("return_value", "prediction", "prediction_url"):
+        assert API_KEY not in repr(xcom(dr, "gen", key))
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rendered = RenderedTaskInstanceFields.get_templated_fields(dr.get_task_instance("gen", session=session), session=session)
+    assert rendered and rendered["input"] == {"prompt": "x"}
+    assert API_KEY not in repr(rendered)

@@ -1,0 +1,144 @@
+"""PredictionTrigger against the simulator: serialization, its one event per run, manners in the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+
+import pytest
+
+from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.testing import Faults
+from airflow_comet.triggers.prediction import PredictionTrigger
+from tests.conftest import API_KEY
+
+
+def create(sim, **faults) -> str:
+    if faults:
+        sim.set_faults(Faults(**faults))
+    return CometAPIHook().create_prediction("black-forest-labs/flux-schnell", {"prompt": "a paper boat"})["id"]
+
+
+def rebuild(trigger: PredictionTrigger) -> PredictionTrigger:
+    """What the triggerer does: import the class path from serialize() and call it with the kwargs."""
+    path, kwargs = trigger.serialize()
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+async def events(trigger: PredictionTrigger, limit: float = 30) -> list[dict]:
+    """Every event the trigger fires, stopping when its run() ends (or failing after ``limit`` s)."""
+
+    async def collect() -> list[dict]:
+        return [event.payload async for event in trigger.run()]
+
+    return await asyncio.wait_for(collect(), limit)
+
+
+def test_serialize_round_trip_keeps_every_argument():
+    trigger = PredictionTrigger(
+        "abc", cometapi_conn_id="other", poll_interval=7, started_at=100.0, end_time=200.0, cancel_on_kill=False
+    )
+    again = rebuild(trigger)
+    assert again.serialize() == trigger.serialize()
+    assert trigger.serialize()[1] == {
+        "prediction_id": "abc",
+        "cometapi_conn_id": "other",
+        "poll_interval": 7.0,
+        "started_at": 100.0,
+        "end_time": 200.0,
+        "cancel_on_kill": False,
+    }
+
+
+async def test_succeeded_prediction_fires_one_event_over_one_connection(sim):
+    prediction_id = create(sim)
+    trigger = rebuild(PredictionTrigger(prediction_id, poll_interval=5))
+    [event] = await events(trigger)
+    assert event["status"] == "succeeded"
+    assert event["prediction_id"] == prediction_id
+    assert event["prediction"]["status"] == "succeeded"
+    assert event["prediction"]["output"][0].startswith(sim.delivery_url)
+    # One session for the whole wait, and a short prediction costs only a few polls.
+    assert sim.connections_opened("api") == 2  # one for the create above, one for the trigger
+    assert 1 <= len(sim.polls(prediction_id)) <= 3
+    assert API_KEY not in repr(event)
+
+
+async def test_failed_prediction_event_carries_the_api_error(sim):
+    prediction_id = create(sim, durations=0.3, fail_rate=1.0, fail_message="NSFW content detected")
+    [event] = await events(PredictionTrigger(prediction_id))
+    assert event["status"] == "failed"
+    assert prediction_id in event["message"] and "NSFW content detected" in event["message"]
+
+
+async def test_deadline_gives_a_timeout_event_without_cancelling(sim):
+    prediction_id = create(sim, never_finish=True)
+    started = time.monotonic()
+    [event] = await events(PredictionTrigger(prediction_id, end_time=time.time() + 2))
+    assert event["status"] == "timeout"
+    assert 1.5 <= time.monotonic() - started <= 5
+    assert "deadline" in event["message"]
+    # Cancelling is execute_complete's job, so that the failure and the cancel are reported together.
+    assert sim.cancels(prediction_id) == []
+
+
+async def test_flaky_polls_do_not_fail_the_wait(sim):
+    prediction_id = create(sim, durations=2.0, poll_5xx_rate=0.6)
+    [event] = await events(PredictionTrigger(prediction_id, poll_interval=1))
+    assert event["status"] == "succeeded"
+    assert any(r.status >= 500 for r in sim.polls(prediction_id))
+
+
+async def test_revoked_key_ends_with_an_error_event(sim, monkeypatch):
+    from tests.conftest import set_connection
+
+    prediction_id = create(sim, durations=60)
+    set_connection(monkeypatch, sim.base_url, key="sk-revoked")
+    [event] = await events(PredictionTrigger(prediction_id, poll_interval=1))
+    assert event["status"] == "error"
+    assert "401" in event["message"] and "sk-revoked" not in event["message"]
+    assert len(sim.polls(prediction_id)) == 3
+
+
+async def test_html_answers_give_up_after_a_bounded_number_of_polls(sim):
+    prediction_id = create(sim, durations=60)
+    sim.set_faults(Faults(durations=60, html_rate=1.0, html_statuses=(200,)))
+    [event] = await events(PredictionTrigger(prediction_id, poll_interval=0.5), limit=60)
+    assert event["status"] == "error"
+    assert "text/html" in event["message"]
+    assert len(sim.polls(prediction_id)) == 10
+
+
+async def test_missing_connection_is_an_error_event_not_a_crash(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_COMETAPI_DEFAULT", raising=False)
+    [event] = await events(PredictionTrigger("abc", cometapi_conn_id="nope"))
+    assert event["status"] == "error" and "nope" in event["message"]
+
+
+class _StateTrigger(PredictionTrigger):
+    """The task-state lookup needs a running API server; here the state is given."""
+
+    state: str | None = None
+
+    async def _task_state(self) -> str | None:
+        return self.state
+
+
+@pytest.mark.parametrize(("state", "cancelled"), [("failed", True), ("success", True), ("deferred", False), (None, False)])
+async def test_on_kill_cancels_only_when_the_task_really_stopped(sim, state, cancelled):
+    prediction_id = create(sim, durations=60)
+    trigger = _StateTrigger(prediction_id)
+    trigger.state = state
+    await trigger.on_kill()
+    assert len(sim.cancels(prediction_id)) == (1 if cancelled else 0)
+    assert (sim.prediction(prediction_id)["status"] == "canceled") is cancelled
+
+
+async def test_on_kill_respects_cancel_on_kill_false(sim):
+    prediction_id = create(sim, durations=60)
+    trigger = _StateTrigger(prediction_id, cancel_on_kill=False)
+    trigger.state = "failed"
+    await trigger.on_kill()
+    assert sim.cancels(prediction_id) == []
