@@ -82,8 +82,10 @@ class PredictionTrigger(BaseTrigger):
                     except CometAPIError as error:
                         outcome = poller.on_error(error, time.time())
                     else:
+                        previous = (poller.last_prediction or {}).get("status")
                         outcome = poller.on_prediction(prediction, time.time())
-                        self._log_progress(poller)
+                        if prediction.get("status") != previous:
+                            self.log.info("Prediction %s is %s", self.prediction_id, prediction.get("status"))
                     if outcome.event is not None:
                         self.log.info("Prediction %s: %s", self.prediction_id, outcome.event["message"])
                         yield TriggerEvent(outcome.event)
@@ -101,10 +103,6 @@ class PredictionTrigger(BaseTrigger):
                     "message": f"Waiting for prediction {self.prediction_id} failed: {error}",
                 }
             )
-
-    def _log_progress(self, poller: PredictionPoller) -> None:
-        prediction = poller.last_prediction or {}
-        self.log.debug("Prediction %s is %s (poll %d)", self.prediction_id, prediction.get("status"), poller.polls)
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""
