@@ -92,8 +92,9 @@ class CometAPIHook(HttpHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Relabel the connection form: the key is the password, the host is the API base URL."""
+        # The hook method takes snake_case keys (Airflow 2 validates them); provider info takes kebab-case.
         return {
-            "hidden-fields": ["schema", "login", "port"],
+            "hidden_fields": ["schema", "login", "port"],
             "relabeling": {"password": "CometAPI key", "host": "Base URL"},
             "placeholders": {
                 "host": DEFAULT_HOST,
