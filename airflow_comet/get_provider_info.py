@@ -25,7 +25,7 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "CometAPI",
-                "python-modules": ["airflow_comet.operators.prediction"],
+                "python-modules": ["airflow_comet.operators.prediction", "airflow_comet.operators.persist"],
             }
         ],
         "sensors": [{"integration-name": "CometAPI", "python-modules": ["airflow_comet.sensors.prediction"]}],

@@ -151,3 +151,25 @@ def test_key_stays_out_of_xcom_and_rendered_fields(sim):
         rendered = RenderedTaskInstanceFields.get_templated_fields(dr.get_task_instance("gen", session=session), session=session)
     assert rendered and rendered["input"] == {"prompt": "x"}
     assert API_KEY not in repr(rendered)
+
+
+def test_local_image_is_sent_as_a_data_uri(sim, tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    with dag("t_file_input") as d:
+        CreatePredictionOperator(
+            task_id="edit",
+            model="black-forest-labs/flux-kontext-pro",
+            input={"prompt": "make it blue", "input_image": Path(image)},
+            wait_for_completion=True,
+        )
+    dr = run(d)
+    assert states(dr) == {"edit": "success"}
+    sent = sim.prediction(xcom(dr, "edit"))["input"]["input_image"]
+    assert sent.startswith("data:image/png;base64,")
+    # XCom keeps the prediction small: the echoed data: URI is elided there.
+    assert len(xcom(dr, "edit", "prediction")["input"]["input_image"]) < 200

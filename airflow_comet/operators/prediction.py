@@ -11,6 +11,7 @@ from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_comet import resume
 from airflow_comet.exceptions import CometAPINotFoundError, CometAPIResponseError
+from airflow_comet.file_inputs import FILE_INPUT_KEYS, resolve_file_inputs
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
 from airflow_comet.operators._waiting import XCOM_PREDICTION, PredictionWaitMixin
@@ -78,7 +79,11 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         if not is_templated(model):
             validate_model(model)
         if not is_templated(input):
-            validate_input(input, allow_templates=True)
+            # File inputs (a Path or ObjectStoragePath in input_image) are read at run time, not here.
+            validate_input(
+                {k: v for k, v in input.items() if k not in FILE_INPUT_KEYS} if isinstance(input, Mapping) else input,
+                allow_templates=True,
+            )
         if prefer_wait is not None:
             validate_prefer_wait(prefer_wait)
         if poll_interval <= 0:
@@ -103,7 +108,10 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
 
     def execute(self, context: Context) -> str:
         model = validate_model(self.model)
-        payload = validate_input(self.input)
+        # Local or object-storage images become data: URIs first: they are not JSON, and the resume
+        # fingerprint should cover the file's content, not its name.
+        raw = self.input
+        payload = validate_input(resolve_file_inputs(raw) if isinstance(raw, Mapping) else raw)
         prediction = self._resume_or_create(context, model, payload)
         self.prediction_id = prediction["id"]
         self._push_link(context, prediction)
