@@ -23,6 +23,7 @@ from airflow_comet.exceptions import (
 )
 from airflow_comet.hooks import _protocol as protocol
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
+from airflow_comet.hooks._ratelimit import release_session, request_budget, shared_session
 from airflow_comet.hooks._retry import RetryPolicy, final_error
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class CometAPIHook(HttpHook):
             raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
         return self._parse(settings, method, path, response.status_code, response.headers, response.content)
 
-    # -- async transport (aiohttp, one session for the lifetime of a trigger) ----------------------------
+    # -- async transport (aiohttp, one session per connection shared by the triggers of an event loop) -----
 
     async def __aenter__(self) -> CometAPIHook:
         await self._aget_session()
@@ -212,24 +213,31 @@ class CometAPIHook(HttpHook):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the async session (idempotent)."""
+        """Let go of the async session (idempotent); the pool it shares closes with its last hook."""
         session, self._async_session = self._async_session, None
-        if session is not None and not session.closed:
-            await session.close()
+        if session is not None:
+            await release_session(session)
 
     async def _aget_session(self) -> aiohttp.ClientSession:
         if self._async_session is None or self._async_session.closed:
             settings = await self.aget_settings()
-            self._async_session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-                ),
-                headers={
-                    "Authorization": f"Bearer {settings.api_key}",
-                    "User-Agent": USER_AGENT,
-                    "Accept": "application/json",
-                },
-            )
+
+            def make() -> aiohttp.ClientSession:
+                return aiohttp.ClientSession(
+                    # No cap on connections: one in flight per trigger at most, as with a session each.
+                    connector=aiohttp.TCPConnector(limit=0),
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+                    ),
+                    headers={
+                        "Authorization": f"Bearer {settings.api_key}",
+                        "User-Agent": USER_AGENT,
+                        "Accept": "application/json",
+                    },
+                )
+
+            # One session (one keep-alive pool) per connection and event loop, shared by every trigger.
+            self._async_session = shared_session(settings, make)
         return self._async_session
 
     async def _arequest(
@@ -268,6 +276,9 @@ class CometAPIHook(HttpHook):
         hold: float,
     ) -> dict[str, Any]:
         session = await self._aget_session()
+        # Shared by every trigger of this connection in this event loop: the request budget and 429 pauses.
+        budget = request_budget(settings.conn_id, settings.max_requests_per_second)
+        await budget.acquire()
         timeout = session.timeout
         if hold:
             timeout = aiohttp.ClientTimeout(
@@ -284,6 +295,10 @@ class CometAPIHook(HttpHook):
             ) as response:
                 content = await response.read()
                 return self._parse(settings, method, path, response.status, response.headers, content)
+        except CometAPIResponseError as e:
+            if e.status_code == 429 and e.retry_after:
+                budget.pause(e.retry_after)
+            raise
         except (aiohttp.ClientConnectorError, _ConnectionTimeoutError) as e:
             raise _transport_error(method, path, "connection failed", e, maybe_sent=False) from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:

@@ -1,0 +1,243 @@
+"""Per-connection state shared by every trigger of a triggerer process: a request budget and one HTTP pool.
+
+Hundreds of mapped predictions mean hundreds of triggers polling the same account at once. Each trigger
+has its own hook, so this state cannot live in the hook: every hook of one event loop gets the same
+:class:`RequestBudget` (:func:`request_budget`) and the same aiohttp session (:func:`shared_session`) for
+the same connection.
+
+- With a rate (the connection extra ``max_requests_per_second``), requests leave evenly spaced, a little
+  over ``1 / rate`` apart, and in the order they asked (FIFO): no poll starves, and no burst reaches the
+  server after a quiet spell.
+- With or without a rate, a ``429`` with ``Retry-After`` pauses every user of the connection, not only
+  the request that got it (:meth:`RequestBudget.pause`).
+- One session (so one pool of keep-alive connections) per connection instead of one per trigger: a few
+  connections serve thousands of triggers, and a prediction polled every 20 s no longer reconnects
+  each time (aiohttp drops a connection idle for 15 s). The session is reference-counted: it closes when
+  the last hook using it lets go (:func:`release_session`), never under another trigger's feet.
+
+Asyncio primitives and aiohttp sessions belong to one event loop, so everything here is kept per (loop,
+connection): a triggerer whose loop is restarted (or a test calling ``asyncio.run`` twice) gets fresh
+ones, never a future, timer or connection of a dead loop. Only the async (triggerer) path uses this;
+workers send one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from airflow_comet.hooks._protocol import ConnectionSettings
+
+__all__ = ["HEADROOM", "RequestBudget", "release_session", "request_budget", "shared_session"]
+
+#: Requests are spaced ``(1 + HEADROOM) / rate`` apart: the slack absorbs the jitter between leaving here
+#: and arriving at the server (event-loop lag, the network), so the server's own one-second windows stay
+#: within the budget. 5% = 50 ms of jitter per second, whatever the rate.
+HEADROOM = 0.05
+
+
+class RequestBudget:
+    """Evenly spaced, first-come first-served request slots for one connection in one event loop.
+
+    :param rate: Requests per second; ``None`` means no limit (only :meth:`pause` holds requests back).
+    """
+
+    def __init__(self, rate: float | None = None) -> None:
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._next = 0.0  # loop time of the next free slot
+        self._paused_until = 0.0  # loop time until which nothing is sent
+        self._timer: asyncio.TimerHandle | None = None
+        self._interval = 0.0
+        self._rate: float | None = None
+        self.rate = rate
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: float | None) -> None:
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be positive or None, got {rate!r}")
+        self._rate = rate
+        self._interval = (1.0 + HEADROOM) / rate if rate else 0.0
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot right now (cancelled ones may still be counted)."""
+        return len(self._waiters)
+
+    def paused_for(self) -> float:
+        """Seconds left of the current pause (0 when not paused)."""
+        return max(0.0, self._paused_until - asyncio.get_running_loop().time())
+
+    async def acquire(self) -> None:
+        """Wait for this request's turn; returns at once when the budget has room and nobody is queued."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._waiters and now >= self._next and now >= self._paused_until:
+            self._next = now + self._interval
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        self._schedule(loop)
+        # A cancelled waiter stays in the queue, done, and is skipped when its turn comes.
+        await waiter
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of this connection back for ``seconds`` (a ``Retry-After``); requests already
+        on the wire are not affected. Pauses never shorten one another."""
+        if not seconds > 0:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        if until <= self._paused_until:
+            return
+        self._paused_until = until
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule(loop)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Arm the one timer that hands out the next slot, if there is a waiter and no timer yet."""
+        if self._timer is not None or not self._waiters:
+            return
+        when = max(self._next, self._paused_until)
+        if when <= loop.time():
+            self._timer = loop.call_soon(self._release, loop)  # type: ignore[assignment]
+        else:
+            self._timer = loop.call_at(when, self._release, loop)
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        if now < self._paused_until:  # a pause began after this timer was armed
+            self._schedule(loop)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # cancelled while queued
+                continue
+            waiter.set_result(None)
+            # Spacing is counted from when the slot was really given, never from when it was due: a late
+            # timer (a busy loop) must not be followed by a catch-up burst.
+            self._next = now + self._interval
+            if self._interval:
+                break
+            # No rate: a pause is over and everybody may go.
+        self._schedule(loop)
+
+
+# (id(loop), conn_id) -> (weak reference to the loop, its budget). The id alone could be reused by a
+# new loop once the old one is gone, so the weak reference is checked on every lookup.
+_budgets: dict[tuple[int, str], tuple[weakref.ref[asyncio.AbstractEventLoop], RequestBudget]] = {}
+_lock = threading.Lock()
+
+
+def request_budget(conn_id: str, rate: float | None) -> RequestBudget:
+    """The budget shared by every user of ``conn_id`` in the running event loop, created on first use.
+
+    ``rate`` is the connection's current ``max_requests_per_second``; when it changed since the budget was
+    created (the connection was edited), the newest value wins.
+    """
+    loop = asyncio.get_running_loop()
+    key = (id(loop), conn_id)
+    entry = _budgets.get(key)
+    if entry is None or entry[0]() is not loop:
+        with _lock:
+            entry = _budgets.get(key)
+            if entry is None or entry[0]() is not loop:
+                _forget_dead_loops()
+                entry = (weakref.ref(loop), RequestBudget(rate))
+                _budgets[key] = entry
+    budget = entry[1]
+    if budget.rate != rate:
+        budget.rate = rate
+    return budget
+
+
+def _forget_dead_loops() -> None:
+    """Drop the budgets of loops that are closed or gone (called with ``_lock`` held, on creation only)."""
+    for key, (ref, _) in list(_budgets.items()):
+        loop = ref()
+        if loop is None or loop.is_closed():
+            del _budgets[key]
+
+
+# -- one aiohttp session per (loop, connection) ------------------------------------------------------------
+
+
+class _Shared:
+    __slots__ = ("key", "loop", "session", "users")
+
+    def __init__(self, key: tuple[Any, ...], loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession):
+        self.key = key
+        self.loop = weakref.ref(loop)
+        self.session = session
+        self.users = 0
+
+
+# (id(loop), conn_id, fingerprint of what the session carries) -> entry; id(session) -> entry.
+_sessions: dict[tuple[Any, ...], _Shared] = {}
+_by_session: dict[int, _Shared] = {}
+
+
+def shared_session(
+    settings: ConnectionSettings, make: Callable[[], aiohttp.ClientSession]
+) -> aiohttp.ClientSession:
+    """The session every hook of ``settings.conn_id`` shares in the running loop (``make`` builds it on first
+    use). Each call counts one user; give it back with :func:`release_session`.
+
+    The key includes a digest of everything the session carries (base URL, key, timeouts): after the
+    connection is edited, new triggers get a new session while running ones finish on the old one.
+    """
+    loop = asyncio.get_running_loop()
+    digest = hashlib.sha256(
+        repr((settings.base_url, settings.api_key, settings.connect_timeout, settings.read_timeout)).encode()
+    ).hexdigest()
+    key = (id(loop), settings.conn_id, digest)
+    with _lock:
+        entry = _sessions.get(key)
+        if entry is None or entry.loop() is not loop or entry.session.closed:
+            _forget_dead_sessions()
+            entry = _Shared(key, loop, make())
+            _sessions[key] = entry
+            _by_session[id(entry.session)] = entry
+        entry.users += 1
+        return entry.session
+
+
+async def release_session(session: aiohttp.ClientSession) -> None:
+    """One user lets go of ``session``: a shared session closes with its last user, any other at once."""
+    with _lock:
+        entry = _by_session.get(id(session))
+        if entry is not None and entry.session is session:
+            entry.users -= 1
+            if entry.users > 0:
+                return
+            # Forgotten before closing, so that a hook arriving meanwhile builds a new session.
+            _by_session.pop(id(session), None)
+            if _sessions.get(entry.key) is entry:
+                del _sessions[entry.key]
+    if not session.closed:
+        await session.close()
+
+
+def _forget_dead_sessions() -> None:
+    """Drop entries of closed or gone loops, and closed sessions (called with ``_lock`` held)."""
+    for key, entry in list(_sessions.items()):
+        loop = entry.loop()
+        if loop is None or loop.is_closed() or entry.session.closed:
+            del _sessions[key]
+            _by_session.pop(id(entry.session), None)
