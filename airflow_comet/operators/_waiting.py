@@ -57,6 +57,17 @@ class PredictionWaitMixin:
         status_url = self.hook.settings.url(protocol.prediction_path(prediction["id"]))
         context["ti"].xcom_push(key=XCOM_PREDICTION_URL, value=prediction_url(prediction, status_url))
 
+    def pre_execute(self, context: Context) -> None:
+        super().pre_execute(context)  # type: ignore[misc]
+        # Resuming after the trigger fired: know the prediction before execute_complete runs. Airflow 2 checks
+        # execution_timeout against the first start on resume and, when it passed while the task was deferred,
+        # raises AirflowTaskTimeout and calls on_kill without ever calling execute_complete: on_kill must then
+        # know which prediction to cancel.
+        kwargs = getattr(context.get("ti"), "next_kwargs", None)
+        event = kwargs.get("event") if isinstance(kwargs, dict) else None
+        if isinstance(event, dict) and isinstance(event.get("prediction_id"), str):
+            self.prediction_id = event["prediction_id"]
+
     # -- waiting ----------------------------------------------------------------------------------------
 
     def _poller(self, prediction: dict[str, Any], end_time: float | None) -> PredictionPoller:
@@ -125,6 +136,8 @@ class PredictionWaitMixin:
             self.hook.cancel_prediction(prediction_id)
         except CometAPIError as error:
             return f"Cancelling it failed ({error}); it may still be running and billing."
+        # Raising AirflowTaskTimeout makes Airflow call on_kill next: it need not cancel a second time.
+        self._cancelled_prediction_id = prediction_id
         return "It was cancelled; a retry of this task creates a new prediction."
 
     def _log_result(self, prediction: dict[str, Any]) -> None:
@@ -147,6 +160,8 @@ class PredictionWaitMixin:
 
     def _cancel_on_kill(self, prediction_id: str | None) -> None:
         if not (self.cancel_on_kill and prediction_id):
+            return
+        if prediction_id == getattr(self, "_cancelled_prediction_id", None):
             return
         try:
             self.hook.cancel_prediction(prediction_id)

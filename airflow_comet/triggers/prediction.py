@@ -108,6 +108,30 @@ class PredictionTrigger(BaseTrigger):
         """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""
         if not self.cancel_on_kill:
             return
+        # Airflow 3.3.2's triggerer cancels this trigger's task again at every state sync (about once a second)
+        # until the trigger has finished, on_kill included: awaited here directly, the state check or the cancel
+        # request would be cut short by the next of those cancels and the prediction left running. So the work
+        # runs in a task of its own that those cancels do not reach, bounded by our own budget (below Airflow's
+        # [triggerer] on_kill_timeout, whose own cancel could otherwise not be told apart from the repeats).
+        work = asyncio.ensure_future(self._cancel_if_stopped())
+        budget = _on_kill_budget()
+        deadline = time.monotonic() + budget
+        while not work.done() and time.monotonic() < deadline:
+            try:
+                await asyncio.wait({work}, timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.CancelledError:
+                _uncancel()
+        if not work.done():
+            work.cancel()
+            self.log.warning(
+                "Gave up cancelling prediction %s after %.0f s; it may still be running.",
+                self.prediction_id,
+                budget,
+            )
+            return
+        work.result()  # its error, if any, is logged by the triggerer
+
+    async def _cancel_if_stopped(self) -> None:
         state = await self._task_state()
         if state is None or state == "deferred":
             # Airflow 3.3.2 also calls on_kill when a stale triggerer loses this trigger to another one
@@ -123,6 +147,7 @@ class PredictionTrigger(BaseTrigger):
         self.log.info("Task stopped (state %s); cancelling prediction %s", state, self.prediction_id)
         async with self._hook() as hook:
             await hook.acancel_prediction(self.prediction_id)
+        self.log.info("Cancelled prediction %s", self.prediction_id)
 
     async def _task_state(self) -> str | None:
         """The task instance's current state, as the API server knows it (``None`` if unknown)."""
@@ -143,3 +168,21 @@ class PredictionTrigger(BaseTrigger):
         key = ti.task_id if map_index is None or map_index < 0 else f"{ti.task_id}_{map_index}"
         state = (states.get(ti.run_id) or {}).get(key)
         return str(getattr(state, "value", state)) if state is not None else None
+
+
+def _on_kill_budget() -> float:
+    """Seconds on_kill may spend: a little less than Airflow's ``[triggerer] on_kill_timeout`` (default 30)."""
+    try:
+        from airflow.providers.common.compat.sdk import conf
+
+        limit = conf.getfloat("triggerer", "on_kill_timeout", fallback=30.0)
+    except Exception:  # noqa: BLE001 - any config trouble: Airflow's default
+        limit = 30.0
+    return max(1.0, min(limit - 3.0, 25.0))
+
+
+def _uncancel() -> None:
+    """Take back a cancel request that was ridden out (Python >= 3.11 counts them; timeouts rely on it)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
