@@ -103,3 +103,9 @@ lock: $(UV)
 
 clean:
 	rm -rf .venv output
+
+# The reliability scenarios of docs/reliability.md: real deployments (PostgreSQL, two triggerers).
+.PHONY: reliability
+reliability: $(STAMP)
+	@$(call airflow_home,$(TEST_HOME)) \
+	$(VENV)/bin/python -m pytest -q -s -o addopts="" tests/reliability

@@ -1,0 +1,49 @@
+"""Scenario 6: a batch of mapped predictions (100 by default; the run's conf `n` changes it).
+
+The creates run in the pool `cometapi` (the test makes it with fewer slots than the executor's parallelism,
+deferred tasks not counted): under a long 429 storm each create holds its worker while it waits, and a
+LocalExecutor whose every worker is held stalls its scheduler (see docs/reliability.md, scenario 6).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from rel_common import DAG, SCHNELL, START, Param
+
+from airflow_comet.operators.prediction import CreatePredictionOperator
+
+try:
+    from airflow.sdk import task
+except ImportError:  # Airflow 2
+    from airflow.decorators import task
+
+with DAG(
+    dag_id="rel_storm",
+    start_date=START,
+    schedule=None,
+    catchup=False,
+    max_active_tasks=200,
+    params={"n": Param(100, type="integer")},
+    tags=["reliability"],
+) as dag:
+
+    @task
+    def prompts(params=None) -> list[dict]:
+        return [{"prompt": f"storm {i}", "seed": i, "output_format": "webp"} for i in range(int(params["n"]))]
+
+    CreatePredictionOperator.partial(
+        task_id="generate",
+        model=SCHNELL,
+        wait_for_completion=True,
+        deferrable=True,
+        poll_interval=10,
+        timeout=900,
+        # Airflow 3.3.2 sometimes fails a try that resumes very quickly after its trigger fired (the
+        # executor's late "success" for the deferring run reaches the scheduler while the resumed run is
+        # already running); the retry resumes the same prediction. A short delay keeps the test quick.
+        retries=2,
+        retry_delay=timedelta(seconds=5),
+        max_active_tis_per_dag=200,
+        pool="cometapi",
+    ).expand(input=prompts())
