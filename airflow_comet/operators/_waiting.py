@@ -12,7 +12,7 @@ from airflow_comet.exceptions import CometAPIError, PredictionFailedError
 from airflow_comet.hooks import _protocol as protocol
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import XCOM_PREDICTION_URL, prediction_url
-from airflow_comet.polling import EVENT_STATUSES, PredictionPoller
+from airflow_comet.polling import EVENT_STATUSES, PollOutcome, PredictionPoller
 from airflow_comet.triggers.prediction import PredictionTrigger
 
 if TYPE_CHECKING:
@@ -82,6 +82,9 @@ class PredictionWaitMixin:
         """Poll from the worker until the prediction is done; returns the final event."""
         poller = self._poller(prediction, end_time)
         outcome = poller.on_prediction(prediction, time.time())
+        if outcome.event is None:
+            # The create answer was the first status: the next check follows the schedule's first poll.
+            outcome = PollOutcome(delay=poller.first_delay(time.time()))
         while outcome.event is None:
             time.sleep(outcome.delay)
             try:
