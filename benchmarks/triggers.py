@@ -136,9 +136,25 @@ def _models(n: int, seed: int) -> list[str]:
 
 
 async def run_case(case: Case, args: argparse.Namespace) -> Outcome:
+    """One (side, N) run; whatever happens, the processes it started are gone when it returns."""
+    started: list[Any] = []
+    try:
+        return await _run_case(case, args, started)
+    finally:
+        for proc in reversed(started):
+            if isinstance(proc, SimProcess):
+                await proc.stop()
+            elif proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def _run_case(case: Case, args: argparse.Namespace, started: list[Any]) -> Outcome:
     key = f"bench-{case.side}-{case.n}-{secrets.token_hex(6)}"
     faults = {"durations": {model: list(span) for model, _, span in WORKLOAD}}
-    sim = await SimProcess(key, faults, seed=args.seed).start()
+    sim = SimProcess(key, faults, seed=args.seed)
+    started.append(sim)
+    await sim.start()
     workdir = Path(args.workdir)
     env = dict(os.environ)
     api_url, proxy = sim.base_url, None
@@ -149,6 +165,7 @@ async def run_case(case: Case, args: argparse.Namespace) -> Outcome:
             sys.executable, "-m", "benchmarks._tls_proxy", "--upstream", sim.base_url.rsplit(":", 1)[1],
             "--dir", str(tls_dir), stdout=asyncio.subprocess.PIPE, cwd=REPO,
         )
+        started.append(proxy)
         assert proxy.stdout is not None
         line = (await asyncio.wait_for(proxy.stdout.readline(), timeout=60)).decode()
         api_url = line.split("listening on ", 1)[1].strip()
@@ -195,6 +212,7 @@ async def run_case(case: Case, args: argparse.Namespace) -> Outcome:
     child = await asyncio.create_subprocess_exec(
         *command, stdin=asyncio.subprocess.PIPE, stdout=log, stderr=log, cwd=REPO, env=env
     )
+    started.append(child)
     assert child.stdin is not None
     waited = time.monotonic()
     while not ready.exists():
