@@ -42,7 +42,7 @@ with DAG(
         # Airflow 3.3.2 sometimes fails a try that resumes very quickly after its trigger fired (the
         # executor's late "success" for the deferring run reaches the scheduler while the resumed run is
         # already running); the retry resumes the same prediction. A short delay keeps the test quick.
-        retries=2,
+        retries=3,
         retry_delay=timedelta(seconds=5),
         max_active_tis_per_dag=200,
         pool="cometapi",
