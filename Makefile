@@ -104,8 +104,8 @@ lock: $(UV)
 clean:
 	rm -rf .venv output
 
-# The reliability scenarios of docs/reliability.md: real deployments (PostgreSQL, two triggerers).
+# Only the reliability scenarios of docs/reliability.md (also part of `make test`), with their output (-s).
 .PHONY: reliability
 reliability: $(STAMP)
 	@$(call airflow_home,$(TEST_HOME)) \
-	$(VENV)/bin/python -m pytest -q -s -o addopts="" tests/reliability
+	$(VENV)/bin/python -m pytest -q -s tests/reliability
