@@ -265,10 +265,15 @@ def _envelope(payload: dict[str, Any]) -> tuple[str, str | None]:
 
 def _not_json(what: str, status: int, mime: str, body: bytes, headers: Mapping[str, str]) -> CometAPINotJSONError:
     location = headers.get("Location")
-    hint = (
-        "This usually means the connection's host is wrong: it must be the API's base URL "
-        f"(for example {DEFAULT_HOST}), without a path."
-    )
+    if mime.endswith("json") or body[:1] in (b"{", b"["):
+        # JSON that does not parse came from the API itself (a wrong host answers HTML or a redirect):
+        # blaming the host would send the user looking in the wrong place.
+        hint = "The answer is JSON that does not parse (cut short or malformed): a fault at the API's side."
+    else:
+        hint = (
+            "This usually means the connection's host is wrong: it must be the API's base URL "
+            f"(for example {DEFAULT_HOST}), without a path."
+        )
     redirect = f" redirecting to {urlsplit(location).netloc or location!r}" if location else ""
     snippet = body[:80].decode("utf-8", "replace").strip().replace("\n", " ")
     return CometAPINotJSONError(
