@@ -156,6 +156,7 @@ async def _run_case(case: Case, args: argparse.Namespace, started: list[Any]) ->
     started.append(sim)
     await sim.start()
     workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     api_url, proxy = sim.base_url, None
     if args.tls:
