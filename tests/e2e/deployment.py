@@ -53,6 +53,8 @@ from urllib.parse import quote
 
 import requests
 
+from tests.e2e.lifecycle import StartStopContext
+
 __all__ = [
     "API_KEY",
     "AirflowAPI",
@@ -541,7 +543,7 @@ class StateWatcher:
 # --------------------------------------------------------------------------------------------------------
 
 
-class AirflowDeployment:
+class AirflowDeployment(StartStopContext):
     """A running Airflow deployment plus a CometAPI simulator; use as a context manager."""
 
     def __init__(self, config: DeploymentConfig | None = None, *, base_dir: Path | str | None = None) -> None:
@@ -580,17 +582,6 @@ class AirflowDeployment:
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------------
-
-    def __enter__(self) -> AirflowDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Simulator, ``db migrate``, then every component; returns once the deployment answers and is warm."""

@@ -1,5 +1,6 @@
-"""Small helpers the reliability scenarios share: waiting on task and trigger states, reading the simulator's
-request log, mapping triggerer processes to their jobs, and signalling processes."""
+"""Small helpers the reliability scenarios share: starting a scenario's run, waiting on task and trigger
+states, reading the simulator's request log, mapping triggerer processes to their jobs, and signalling
+processes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,38 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from tests.e2e.deployment import AirflowDeployment, Component
+from tests.e2e.deployment import AirflowDeployment, Component, SimulatorClient
+from tests.reliability.common import TRIGGERER_HEALTH_THRESHOLD
+
+# --------------------------------------------------------------------------------------------------------
+# starting a scenario (the deployment is shared: each scenario starts from an empty simulator)
+# --------------------------------------------------------------------------------------------------------
+
+
+def fresh_simulator(dep: AirflowDeployment, **faults: Any) -> SimulatorClient:
+    """The deployment's simulator with the earlier scenarios' predictions and requests forgotten and
+    ``faults`` set (``SimulatorClient.set_faults``), so that a scenario counts only its own requests."""
+    sim = dep.simulator
+    assert sim is not None, "the deployment runs without its CometAPI simulator"
+    sim.reset()
+    sim.set_faults(**faults)
+    return sim
+
+
+def unpause_when_parsed(dep: AirflowDeployment, dag_id: str, timeout: float = 60.0) -> None:
+    """Wait until the dag-processor has parsed ``dag_id`` (at most ``timeout`` s), then unpause it: the
+    deployment creates DAGs paused."""
+    dep.wait_for_dag(dag_id, timeout=timeout)
+    dep.api.unpause(dag_id)
+
+
+def start_run(
+    dep: AirflowDeployment, dag_id: str, conf: dict[str, Any] | None = None, *, parse_timeout: float = 60.0
+) -> str:
+    """:func:`unpause_when_parsed`, then trigger a run of ``dag_id`` with ``conf``; returns its run id."""
+    unpause_when_parsed(dep, dag_id, timeout=parse_timeout)
+    return dep.api.trigger(dag_id, conf=conf)
+
 
 # --------------------------------------------------------------------------------------------------------
 # waiting
@@ -26,20 +58,19 @@ def wait(dep: AirflowDeployment, predicate: Callable[[], Any], timeout: float, w
     return dep.wait_until(predicate, time.monotonic() + timeout, what, interval=interval)
 
 
-def wait_for_run(dep: AirflowDeployment, dag_id: str, run_id: str, timeout: float) -> dict[str, Any]:
-    return dep.wait_for_run(dag_id, run_id, timeout=timeout)
+def all_pages(dep: AirflowDeployment, path: str, key: str) -> list[dict[str, Any]]:
+    """Every item of a list endpoint of the REST API (``path``; the items under ``key``): it pages at 100."""
+    out: list[dict[str, Any]] = []
+    while True:
+        page = dep.api.get(path, params={"limit": 100, "offset": len(out)})
+        out += page[key]
+        if len(out) >= page["total_entries"] or not page[key]:
+            return out
 
 
 def task_instances(dep: AirflowDeployment, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Every task instance of the run (the API pages at 100)."""
-    out: list[dict[str, Any]] = []
-    while True:
-        page = dep.api.get(
-            f"dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances", params={"limit": 100, "offset": len(out)}
-        )
-        out += page["task_instances"]
-        if len(out) >= page["total_entries"] or not page["task_instances"]:
-            return out
+    """Every task instance of the run (mapped ones included, past the API's first page)."""
+    return all_pages(dep, f"dags/{quote(dag_id)}/dagRuns/{quote(run_id)}/taskInstances", "task_instances")
 
 
 def running_trigger(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: str, timeout: float = 60.0) -> int:
@@ -56,6 +87,30 @@ def running_trigger(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: s
         return job if "Prediction " in text and (" is starting" in text or " is processing" in text) else None
 
     return wait(dep, held, timeout, f"{dag_id}.{task_id} to be deferred and polled by a triggerer", interval=0.3)
+
+
+def trigger_moved(
+    dep: AirflowDeployment,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    *,
+    away_from: int,
+    what: str,
+    timeout: float = TRIGGERER_HEALTH_THRESHOLD * 6,
+) -> int:
+    """Wait until a triggerer other than job ``away_from`` holds the task's trigger; returns that job's id.
+    ``what`` names the wait in the failure message.
+
+    Another triggerer takes the trigger over only once its holder's heartbeat is older than the health
+    threshold (stopped or killed holder); the default timeout allows six times that."""
+
+    def moved() -> int | None:
+        trigger = dep.api.task_instance(dag_id, run_id, task_id).get("trigger") or {}
+        job = trigger.get("triggerer_id")
+        return job if job and job != away_from else None
+
+    return wait(dep, moved, timeout, what)
 
 
 def trigger_log(

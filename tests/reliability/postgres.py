@@ -26,11 +26,13 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.e2e.deployment import free_port
+from tests.e2e.lifecycle import StartStopContext
 
 __all__ = ["PostgresCluster", "PostgresUnavailable", "find_postgres_bin", "unavailable_reason"]
 
@@ -74,13 +76,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class PostgresCluster:
+class PostgresCluster(StartStopContext):
     """One PostgreSQL server with one database, on 127.0.0.1, for the life of the object."""
 
     def __init__(self, *, database: str = "airflow", user: str = "airflow", max_connections: int = 400) -> None:
@@ -92,7 +88,7 @@ class PostgresCluster:
         self.user = user
         self.password = secrets.token_hex(16)
         self.max_connections = max_connections
-        self.port = _free_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
         self.root: Path | None = None
         self._os_user: str | None = None  # who owns and runs the cluster (None: this process's user)
@@ -114,17 +110,6 @@ class PostgresCluster:
         return self.root / "data"
 
     # -- lifecycle ------------------------------------------------------------------------------------
-
-    def __enter__(self) -> PostgresCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         t0 = time.monotonic()

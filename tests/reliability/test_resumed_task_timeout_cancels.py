@@ -23,15 +23,20 @@ def _resumed_context(prediction_id: str) -> dict:
     return {"ti": SimpleNamespace(next_kwargs={"event": event}, task_id="generate")}
 
 
-def test_operator_on_kill_after_resume_cancels_the_prediction(sim):
-    prediction_id = create(sim, durations=120)
-    op = CreatePredictionOperator(
+def _deferrable_operator() -> CreatePredictionOperator:
+    """A create that waits for its prediction in the triggerer (as scenario 5's tasks do)."""
+    return CreatePredictionOperator(
         task_id="generate",
         model="black-forest-labs/flux-schnell",
         input={"prompt": "x"},
         wait_for_completion=True,
         deferrable=True,
     )
+
+
+def test_operator_on_kill_after_resume_cancels_the_prediction(sim):
+    prediction_id = create(sim, durations=120)
+    op = _deferrable_operator()
     op.pre_execute(_resumed_context(prediction_id))
     op.on_kill()
     assert len(sim.cancels(prediction_id)) == 1
@@ -49,13 +54,7 @@ def test_fresh_operator_without_an_event_cancels_nothing(sim):
 def test_cancelled_after_timeout_is_not_cancelled_again_by_on_kill(sim):
     """execute_complete cancels, raises AirflowTaskTimeout, and Airflow then calls on_kill: one cancel only."""
     prediction_id = create(sim, durations=120)
-    op = CreatePredictionOperator(
-        task_id="generate",
-        model="black-forest-labs/flux-schnell",
-        input={"prompt": "x"},
-        wait_for_completion=True,
-        deferrable=True,
-    )
+    op = _deferrable_operator()
     op.pre_execute(_resumed_context(prediction_id))
     event = _resumed_context(prediction_id)["ti"].next_kwargs["event"]
     with pytest.raises(BaseException, match="It was cancelled") as raised:  # AirflowTaskTimeout

@@ -23,12 +23,15 @@ from tests.reliability.common import AIRFLOW33, DEV, PRO, VERSION, needs_33, rep
 from tests.reliability.helpers import (
     cancels,
     creates,
+    fresh_simulator,
     live_triggerers,
     prediction_of,
     running_trigger,
     set_task_state,
     signal_component,
+    start_run,
     trigger_log,
+    unpause_when_parsed,
     wait,
 )
 
@@ -41,13 +44,9 @@ def test_mark_failed_while_deferred_cancels_that_prediction_only(
     basic_deployment: AirflowDeployment, request: pytest.FixtureRequest
 ) -> None:
     dep = basic_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(durations={PRO: 600, DEV: 25})  # the victim would run 10 minutes
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
-    run_id = dep.api.trigger(DAG_ID)
+    sim = fresh_simulator(dep, durations={PRO: 600, DEV: 25})  # the victim would run 10 minutes
+    run_id = start_run(dep, DAG_ID)
     job = running_trigger(dep, DAG_ID, run_id, "victim")
     running_trigger(dep, DAG_ID, run_id, "bystander")
     victim = prediction_of(sim, PRO)["id"]
@@ -104,12 +103,9 @@ def test_mark_failed_before_a_triggerer_started_the_trigger_leaves_the_predictio
 ) -> None:
     """The limit: nothing of the provider runs between the deferral and a triggerer picking the trigger up."""
     dep = rel_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(durations={PRO: 45, DEV: 10})
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
+    sim = fresh_simulator(dep, durations={PRO: 45, DEV: 10})
+    unpause_when_parsed(dep, DAG_ID)  # triggered below, once every triggerer is stopped
     paused = [dep.components[name] for name in live_triggerers(dep)]
     for comp in paused:  # a few seconds only, well under the health threshold
         signal_component(comp, signal.SIGSTOP)

@@ -15,16 +15,19 @@ import time
 import pytest
 
 from tests.e2e.deployment import AirflowDeployment
-from tests.reliability.common import AIRFLOW33, DEV, TRIGGERER_HEALTH_THRESHOLD, needs_33, report
+from tests.reliability.common import AIRFLOW33, DEV, needs_33, report
 from tests.reliability.helpers import (
     cancels,
     component_of_job,
     creates,
+    fresh_simulator,
     is_stopped,
     poll_figures,
     running_trigger,
     signal_component,
+    start_run,
     trigger_log,
+    trigger_moved,
     wait,
 )
 
@@ -40,13 +43,9 @@ def test_stale_triggerer_losing_its_trigger_does_not_cancel(
     rel_deployment: AirflowDeployment, request: pytest.FixtureRequest
 ) -> None:
     dep = rel_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(durations=50)
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
-    run_id = dep.api.trigger(DAG_ID, conf={"model": DEV, "prompt": "scenario 2"})
+    sim = fresh_simulator(dep, durations=50)
+    run_id = start_run(dep, DAG_ID, conf={"model": DEV, "prompt": "scenario 2"})
     stale_job = running_trigger(dep, DAG_ID, run_id, "generate")
     stale = component_of_job(dep, stale_job)
 
@@ -54,13 +53,9 @@ def test_stale_triggerer_losing_its_trigger_does_not_cancel(
     signal_component(stale, signal.SIGSTOP)
     try:
         assert wait(dep, lambda: is_stopped(stale.pid), 5, f"{stale.name} to stop")
-
-        def moved() -> int | None:
-            trigger = dep.api.task_instance(DAG_ID, run_id, "generate").get("trigger") or {}
-            job = trigger.get("triggerer_id")
-            return job if job and job != stale_job else None
-
-        new_job = wait(dep, moved, TRIGGERER_HEALTH_THRESHOLD * 6, "the trigger to move to the other triggerer")
+        new_job = trigger_moved(
+            dep, DAG_ID, run_id, "generate", away_from=stale_job, what="the trigger to move to the other triggerer"
+        )
         moved_seconds = time.monotonic() - stopped
         wait(
             dep,

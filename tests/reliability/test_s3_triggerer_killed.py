@@ -13,17 +13,19 @@ import time
 import pytest
 
 from tests.e2e.deployment import AirflowDeployment
-from tests.reliability.common import AIRFLOW33, DEV, TRIGGERER_HEALTH_THRESHOLD, needs_33, report
+from tests.reliability.common import AIRFLOW33, DEV, needs_33, report
 from tests.reliability.helpers import (
     add_mapped_triggerer,
     cancels,
     component_of_job,
     creates,
+    fresh_simulator,
     live_triggerers,
     poll_figures,
     running_trigger,
+    start_run,
     trigger_log,
-    wait,
+    trigger_moved,
 )
 
 SKIP_REASON = needs_33(
@@ -38,26 +40,18 @@ def test_killed_triggerer_is_replaced_and_the_task_succeeds_with_one_prediction(
     rel_deployment: AirflowDeployment, request: pytest.FixtureRequest
 ) -> None:
     dep = rel_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(durations=40)
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
-    run_id = dep.api.trigger(DAG_ID, conf={"model": DEV, "prompt": "scenario 3"})
+    sim = fresh_simulator(dep, durations=40)
+    run_id = start_run(dep, DAG_ID, conf={"model": DEV, "prompt": "scenario 3"})
     dead_job = running_trigger(dep, DAG_ID, run_id, "generate")
     victim = component_of_job(dep, dead_job)
 
     killed = time.monotonic()
     dep.stop_component(victim.name, sig=signal.SIGKILL)
     assert not victim.alive
-
-    def taken_over() -> int | None:
-        trigger = dep.api.task_instance(DAG_ID, run_id, "generate").get("trigger") or {}
-        job = trigger.get("triggerer_id")
-        return job if job and job != dead_job else None
-
-    new_job = wait(dep, taken_over, TRIGGERER_HEALTH_THRESHOLD * 6, "another triggerer to take the trigger over")
+    new_job = trigger_moved(
+        dep, DAG_ID, run_id, "generate", away_from=dead_job, what="another triggerer to take the trigger over"
+    )
     takeover_seconds = time.monotonic() - killed
     run = dep.wait_for_run(DAG_ID, run_id, timeout=180)
     requests = sim.requests()

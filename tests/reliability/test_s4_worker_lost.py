@@ -21,7 +21,7 @@ import pytest
 
 from tests.e2e.deployment import AirflowDeployment, unsupported_reason
 from tests.reliability.common import AIRFLOW33, VERSION, report
-from tests.reliability.helpers import cancels, creates, kill_pid, wait
+from tests.reliability.helpers import cancels, creates, fresh_simulator, kill_pid, start_run, wait
 
 _UNSUPPORTED = unsupported_reason(VERSION)
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_UNSUPPORTED is not None, reason=_UNSUPPORTED or "")]
@@ -33,14 +33,10 @@ def test_worker_lost_between_create_and_defer(
     basic_deployment: AirflowDeployment, request: pytest.FixtureRequest
 ) -> None:
     dep = basic_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(durations=15)
-    dep.wait_for_dag(DAG_ID, timeout=120)
-    dep.api.unpause(DAG_ID)
+    sim = fresh_simulator(dep, durations=15)
     pid_file = Path(dep.home) / f"s4-{uuid.uuid4().hex[:8]}.pid"
-    run_id = dep.api.trigger(DAG_ID, conf={"pid_file": str(pid_file)})
+    run_id = start_run(dep, DAG_ID, conf={"pid_file": str(pid_file)}, parse_timeout=120)
 
     def paused() -> tuple[int, str] | None:
         try:

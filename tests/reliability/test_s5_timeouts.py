@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.deployment import AirflowDeployment
 from tests.reliability.common import AIRFLOW33, VERSION, report
-from tests.reliability.helpers import cancels, creates, task_error
+from tests.reliability.helpers import cancels, creates, fresh_simulator, start_run, task_error
 
 pytestmark = [pytest.mark.e2e]
 
@@ -36,13 +36,9 @@ def test_never_finishing_predictions_fail_at_the_deadline_and_are_cancelled(
     basic_deployment: AirflowDeployment, request: pytest.FixtureRequest
 ) -> None:
     dep = basic_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(never_finish=True)
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
-    run_id = dep.api.trigger(DAG_ID)
+    sim = fresh_simulator(dep, never_finish=True)
+    run_id = start_run(dep, DAG_ID)
     run = dep.wait_for_run(DAG_ID, run_id, timeout=180)
     requests = sim.requests()
     assert run["state"] == "failed"

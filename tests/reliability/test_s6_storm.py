@@ -26,7 +26,16 @@ import pytest
 
 from tests.e2e.deployment import AirflowDeployment
 from tests.reliability.common import AIRFLOW33, needs_33, report
-from tests.reliability.helpers import cancels, creates, live_triggerers, poll_figures, task_instances, wait
+from tests.reliability.helpers import (
+    cancels,
+    creates,
+    fresh_simulator,
+    live_triggerers,
+    poll_figures,
+    start_run,
+    task_instances,
+    wait,
+)
 
 SKIP_REASON = needs_33(
     "100 mapped tasks need the PostgreSQL/LocalExecutor deployment (3.3 only here); 2.11 on SQLite runs tasks one at a time"
@@ -49,17 +58,13 @@ def test_storm_of_429s_and_5xx_on_100_mapped_predictions(
     rel_deployment: AirflowDeployment, request: pytest.FixtureRequest
 ) -> None:
     dep = rel_deployment
-    sim = dep.simulator
     assert len(live_triggerers(dep)) == 2
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(**BASE_FAULTS)
+    sim = fresh_simulator(dep, **BASE_FAULTS)
     _ensure_pool(dep)
     scheduler_log = dep.components["scheduler-0"].log_path
     log_offset = scheduler_log.stat().st_size
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
-    run_id = dep.api.trigger(DAG_ID, conf={"n": SIZE})
+    run_id = start_run(dep, DAG_ID, conf={"n": SIZE})
 
     def started() -> bool:
         return len(creates(sim.requests(endpoint="create"))) >= SIZE * 0.3

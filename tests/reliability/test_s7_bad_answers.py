@@ -26,9 +26,11 @@ from tests.reliability.common import AIRFLOW33, DEV, KONTEXT, PRO, SCHNELL, VERS
 from tests.reliability.helpers import (
     cancels,
     creates,
+    fresh_simulator,
     live_triggerers,
     polls_per_prediction,
     running_trigger,
+    start_run,
     task_error,
     trigger_log,
     wait,
@@ -69,16 +71,12 @@ def test_bad_answers_fail_clearly_or_retry_boundedly(
     basic_deployment: AirflowDeployment, request: pytest.FixtureRequest, batch: str
 ) -> None:
     dep = basic_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
     triggerers = {name: dep.components[name].pid for name in live_triggerers(dep)}
     assert len(triggerers) == (2 if AIRFLOW33 else 1)
-    sim.reset()
     per_model = {model: {**faults, "durations": 8} for model, (faults, _, _) in BATCHES[batch].items()}
-    sim.set_faults(durations=40, per_model=per_model)  # control (kontext) runs 40 s, healthy
-    dep.wait_for_dag(DAG_ID)
-    dep.api.unpause(DAG_ID)
-    run_id = dep.api.trigger(DAG_ID)
+    sim = fresh_simulator(dep, durations=40, per_model=per_model)  # control (kontext) runs 40 s, healthy
+    run_id = start_run(dep, DAG_ID)
     run = dep.wait_for_run(DAG_ID, run_id, timeout=300)
     requests = sim.requests()
     made = {c["model"]: c["prediction_id"] for c in creates(requests)}
@@ -125,13 +123,9 @@ def _trigger_jobs(dep: AirflowDeployment, run_id: str, task_id: str) -> list[int
 
 def test_key_revoked_mid_run(basic_deployment: AirflowDeployment, request: pytest.FixtureRequest) -> None:
     dep = basic_deployment
-    sim = dep.simulator
     t0 = time.monotonic()
-    sim.reset()
-    sim.set_faults(durations=120)
-    dep.wait_for_dag("rel_single")
-    dep.api.unpause("rel_single")
-    run_id = dep.api.trigger("rel_single", conf={"model": DEV, "prompt": "scenario 7: revoked key"})
+    sim = fresh_simulator(dep, durations=120)
+    run_id = start_run(dep, "rel_single", conf={"model": DEV, "prompt": "scenario 7: revoked key"})
     running_trigger(dep, "rel_single", run_id, "generate")
     prediction_id = creates(sim.requests())[0]["prediction_id"]
 

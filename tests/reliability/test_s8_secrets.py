@@ -21,26 +21,20 @@ import pytest
 
 from tests.e2e.deployment import AirflowDeployment
 from tests.reliability.common import VERSION, report
+from tests.reliability.helpers import all_pages
 
 pytestmark = [pytest.mark.e2e]
-
-
-def _all(dep: AirflowDeployment, path: str, key: str) -> list[dict]:
-    out: list[dict] = []
-    while True:
-        page = dep.api.get(path, params={"limit": 100, "offset": len(out)})
-        out += page[key]
-        if len(out) >= page["total_entries"] or not page[key]:
-            return out
 
 
 def test_api_key_appears_nowhere(basic_deployment: AirflowDeployment, request: pytest.FixtureRequest) -> None:
     dep = basic_deployment
     key = dep.config.api_key
     t0 = time.monotonic()
-    dag_ids = [d["dag_id"] for d in _all(dep, "dags", "dags")]
+    dag_ids = [d["dag_id"] for d in all_pages(dep, "dags", "dags")]
     runs = [
-        (dag_id, r["dag_run_id"]) for dag_id in dag_ids for r in _all(dep, f"dags/{quote(dag_id)}/dagRuns", "dag_runs")
+        (dag_id, r["dag_run_id"])
+        for dag_id in dag_ids
+        for r in all_pages(dep, f"dags/{quote(dag_id)}/dagRuns", "dag_runs")
     ]
     if not runs:  # run alone: make something to search
         run, _ = dep.run_and_wait("rel_single", conf={"prompt": "scenario 8"}, timeout=120, watch=False)
@@ -69,14 +63,14 @@ def test_api_key_appears_nowhere(basic_deployment: AirflowDeployment, request: p
     tis = values = 0
     for dag_id, run_id in runs:
         run_path = f"dags/{quote(dag_id)}/dagRuns/{quote(run_id)}"
-        for ti in _all(dep, f"{run_path}/taskInstances", "task_instances"):
+        for ti in all_pages(dep, f"{run_path}/taskInstances", "task_instances"):
             tis += 1
             assert key not in json.dumps(ti.get("rendered_fields")), ti
             map_index = int(ti.get("map_index", -1))
             if map_index > 2:  # the storm's hundred mapped copies look alike; the dump covered them all
                 continue
             ti_path = f"{run_path}/taskInstances/{quote(ti['task_id'])}"
-            for entry in _all(dep, f"{ti_path}/xcomEntries", "xcom_entries"):
+            for entry in all_pages(dep, f"{ti_path}/xcomEntries", "xcom_entries"):
                 if int(entry.get("map_index", -1)) != map_index:
                     continue
                 value = dep.api.request(
