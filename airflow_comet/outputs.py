@@ -18,12 +18,11 @@ from typing import Any, BinaryIO, TypeVar, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-import tenacity
 
 from airflow_comet import __version__
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks._protocol import RETRYABLE_STATUS_CODES, parse_retry_after
-from airflow_comet.hooks._retry import RetryPolicy
+from airflow_comet.hooks._retry import RetryPolicy, call_with_retries
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -298,5 +297,4 @@ def _encoded(response: requests.Response) -> bool:
 def with_retries(func: Callable[[], T], *, policy: RetryPolicy, logger: logging.Logger, what: str) -> T:
     """Run ``func`` under the hook's retry policy (same backoff and ``Retry-After`` handling)."""
     # Downloads change nothing on the server: always safe to send again.
-    retrying = tenacity.Retrying(**policy.tenacity_kwargs(idempotent=True, logger=logger, what=what))
-    return retrying(func)
+    return call_with_retries(func, policy=policy, idempotent=True, logger=logger, what=what)

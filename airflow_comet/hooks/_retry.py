@@ -1,22 +1,29 @@
-"""The one retry policy for every CometAPI request, sync or async.
+"""The one retry policy for every CometAPI request, sync or async, and the two loops that apply it.
 
-The same tenacity ``retry``/``wait``/``stop`` objects drive ``tenacity.Retrying`` in the worker and
-``tenacity.AsyncRetrying`` in the triggerer, so both paths retry exactly the same answers.
+:meth:`RetryPolicy.after_failure` decides after each failed attempt (wait this long, or give up with this
+error); :func:`call_with_retries` (worker) and :func:`acall_with_retries` (triggerer) are the same few lines
+around it, so both paths retry exactly the same answers.
 
 Why not the http provider's retries: ``HttpHook.run_with_advanced_retry`` leaves the policy to the caller
-and ``HttpAsyncHook`` retries only 5xx, never 429 nor connection errors, and ignores ``Retry-After``.
+and ``HttpAsyncHook`` retries only 5xx, never 429 nor connection errors, and ignores ``Retry-After``. And why
+not tenacity, which those build on: a ``tenacity.AsyncRetrying`` costs about 55 us of CPU per request even
+when nothing fails, which a triggerer polling thousands of predictions pays on every status check
+(benchmarks/RESULTS.md); the loop below costs about 1 us.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-import tenacity
+from typing import TypeVar
 
 from airflow_comet.exceptions import CometAPIAmbiguousCreateError, CometAPIError, CometAPITransportError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,29 +57,50 @@ class RetryPolicy:
         # "Equal jitter": never less than half the ceiling, so retries do not collapse into a hot loop.
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
-    def tenacity_kwargs(self, *, idempotent: bool, logger: logging.Logger, what: str) -> dict[str, Any]:
-        """Arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying`` alike."""
+    def after_failure(
+        self, error: CometAPIError, attempt: int, *, idempotent: bool, logger: logging.Logger, what: str
+    ) -> float:
+        """After failed attempt number ``attempt`` (1-based): the seconds to wait before the next attempt.
 
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            logger.warning(
-                "%s failed (%s); retry %d of %d in %.2f s",
-                what,
-                error,
-                state.attempt_number,
-                self.max_retries,
-                state.next_action.sleep if state.next_action else 0.0,
-            )
+        Raises the error to give up with (see :func:`final_error`) when ``error`` must not be retried or the
+        retries are spent. Call it from the ``except`` block, so that the error keeps its traceback.
+        """
+        if attempt > self.max_retries or not self.should_retry(error, idempotent=idempotent):
+            final = final_error(error, idempotent=idempotent, what=what)
+            if final is error:
+                raise error
+            raise final from error
+        delay = self.delay(attempt, error)
+        logger.warning("%s failed (%s); retry %d of %d in %.2f s", what, error, attempt, self.max_retries, delay)
+        return delay
 
-        return {
-            "retry": tenacity.retry_if_exception(lambda e: self.should_retry(e, idempotent=idempotent)),
-            "wait": lambda state: self.delay(
-                state.attempt_number, state.outcome.exception() if state.outcome else None
-            ),
-            "stop": tenacity.stop_after_attempt(self.max_retries + 1),
-            "before_sleep": before_sleep,
-            "reraise": True,
-        }
+
+def call_with_retries(
+    send: Callable[[], T], *, policy: RetryPolicy, idempotent: bool, logger: logging.Logger, what: str
+) -> T:
+    """``send()`` until it returns, retrying the :class:`CometAPIError` s ``policy`` retries (blocking sleeps)."""
+    attempt = 1
+    while True:
+        try:
+            return send()
+        except CometAPIError as error:
+            delay = policy.after_failure(error, attempt, idempotent=idempotent, logger=logger, what=what)
+        time.sleep(delay)
+        attempt += 1
+
+
+async def acall_with_retries(
+    send: Callable[[], Awaitable[T]], *, policy: RetryPolicy, idempotent: bool, logger: logging.Logger, what: str
+) -> T:
+    """Async :func:`call_with_retries` (the event loop runs on while it waits)."""
+    attempt = 1
+    while True:
+        try:
+            return await send()
+        except CometAPIError as error:
+            delay = policy.after_failure(error, attempt, idempotent=idempotent, logger=logger, what=what)
+        await asyncio.sleep(delay)
+        attempt += 1
 
 
 def final_error(error: BaseException, *, idempotent: bool, what: str) -> BaseException:

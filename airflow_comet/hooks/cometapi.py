@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import requests
-import tenacity
 from airflow.providers.http.hooks.http import HttpHook
 
 from airflow_comet import __version__
@@ -24,7 +23,8 @@ from airflow_comet.exceptions import (
 from airflow_comet.hooks import _protocol as protocol
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
 from airflow_comet.hooks._ratelimit import release_session, request_budget, shared_session
-from airflow_comet.hooks._retry import RetryPolicy, final_error
+from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
+from airflow_comet.hooks._settings_cache import cached_settings, forget_settings
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,24 @@ class CometAPIHook(HttpHook):
         return self._settings
 
     async def aget_settings(self) -> ConnectionSettings:
-        """The connection's parsed settings, looked up without blocking the event loop."""
+        """The connection's parsed settings, looked up without blocking the event loop (and shared with the
+        other hooks of this connection in the loop for a short while: see ``_settings_cache``)."""
         if self._settings is None:
-            from airflow.providers.common.compat.connection import (
-                get_async_connection,
-                get_async_extra_dejson,
-            )
-
-            conn = await get_async_connection(self.cometapi_conn_id, hook=type(self))
-            extras = await get_async_extra_dejson(conn)
-            self._settings = ConnectionSettings.from_connection(conn, extras)
+            self._settings = await cached_settings(self.cometapi_conn_id, self._alook_up_settings)
         return self._settings
+
+    async def _alook_up_settings(self) -> ConnectionSettings:
+        from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+
+        conn = await get_async_connection(self.cometapi_conn_id, hook=type(self))
+        extras = await get_async_extra_dejson(conn)
+        return ConnectionSettings.from_connection(conn, extras)
+
+    async def _aforget_settings(self) -> None:
+        """Look the connection up again on the next request (its key may have been changed meanwhile)."""
+        forget_settings(self.cometapi_conn_id)
+        self._settings = None
+        await self.aclose()  # the shared session carries the old key
 
     def retry_policy(self, settings: ConnectionSettings) -> RetryPolicy:
         return self._retry_policy or RetryPolicy(
@@ -159,20 +166,13 @@ class CometAPIHook(HttpHook):
         hold: float = 0.0,
     ) -> dict[str, Any]:
         settings = self.settings
-        what = f"{method} {path}"
-        retrying = tenacity.Retrying(
-            **self.retry_policy(settings).tenacity_kwargs(idempotent=idempotent, logger=self.log, what=what)
+        return call_with_retries(
+            lambda: self._send(settings, method, path, body, headers, hold),
+            policy=self.retry_policy(settings),
+            idempotent=idempotent,
+            logger=self.log,
+            what=f"{method} {path}",
         )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    return self._send(settings, method, path, body, headers, hold)
-        except CometAPIError as error:
-            final = final_error(error, idempotent=idempotent, what=what)
-            if final is error:
-                raise
-            raise final from error
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
     def _send(
         self,
@@ -226,6 +226,8 @@ class CometAPIHook(HttpHook):
                 return aiohttp.ClientSession(
                     # No cap on connections: one in flight per trigger at most, as with a session each.
                     connector=aiohttp.TCPConnector(limit=0),
+                    # The API sets no cookies we need, and a jar costs CPU on every request of every trigger.
+                    cookie_jar=aiohttp.DummyCookieJar(),
                     timeout=aiohttp.ClientTimeout(
                         total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
                     ),
@@ -251,20 +253,13 @@ class CometAPIHook(HttpHook):
         hold: float = 0.0,
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
-        what = f"{method} {path}"
-        retrying = tenacity.AsyncRetrying(
-            **self.retry_policy(settings).tenacity_kwargs(idempotent=idempotent, logger=self.log, what=what)
+        return await acall_with_retries(
+            lambda: self._asend(settings, method, path, body, headers, hold),
+            policy=self.retry_policy(settings),
+            idempotent=idempotent,
+            logger=self.log,
+            what=f"{method} {path}",
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._asend(settings, method, path, body, headers, hold)
-        except CometAPIError as error:
-            final = final_error(error, idempotent=idempotent, what=what)
-            if final is error:
-                raise
-            raise final from error
-        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
     async def _asend(
         self,
@@ -295,6 +290,10 @@ class CometAPIHook(HttpHook):
             ) as response:
                 content = await response.read()
                 return self._parse(settings, method, path, response.status, response.headers, content)
+        except CometAPIAuthError:
+            # A key rotated in the connection while triggers run: the next poll picks the new one up.
+            await self._aforget_settings()
+            raise
         except CometAPIResponseError as e:
             if e.status_code == 429 and e.retry_after:
                 budget.pause(e.retry_after)

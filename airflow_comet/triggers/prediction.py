@@ -11,7 +11,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks.cometapi import CometAPIHook
-from airflow_comet.polling import PredictionPoller
+from airflow_comet.polling import PredictionPoller, is_terminal
 
 
 class PredictionTrigger(BaseTrigger):
@@ -84,10 +84,19 @@ class PredictionTrigger(BaseTrigger):
                     else:
                         previous = (poller.last_prediction or {}).get("status")
                         outcome = poller.on_prediction(prediction, time.time())
-                        if prediction.get("status") != previous:
-                            self.log.info("Prediction %s is %s", self.prediction_id, prediction.get("status"))
+                        if prediction.get("status") != previous and not is_terminal(prediction):
+                            # The first answer at INFO (the wait is alive), later changes at DEBUG: a log line
+                            # costs the triggerer more CPU than a status request, and the INFO line below
+                            # says how the wait ended.
+                            log = self.log.info if previous is None else self.log.debug
+                            log("Prediction %s is %s", self.prediction_id, prediction["status"])
                     if outcome.event is not None:
-                        self.log.info("Prediction %s: %s", self.prediction_id, outcome.event["message"])
+                        self.log.info(
+                            "%s (%d status checks in %.0f s)",
+                            outcome.event["message"],
+                            poller.polls,
+                            time.time() - self.started_at,
+                        )
                         yield TriggerEvent(outcome.event)
                         return
                     delay = outcome.delay
