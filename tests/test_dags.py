@@ -121,6 +121,32 @@ def test_timeout_fails_and_cancels(sim):
     assert sim.prediction(created.prediction_id)["status"] == "canceled"
 
 
+@pytest.mark.parametrize("soft_fail", [False, True])
+def test_poke_mode_sensor_timeout_cancels_the_prediction(sim, soft_fail):
+    sim.set_faults(Faults(never_finish=True))
+    with dag(f"t_poke_timeout_{soft_fail}") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
+        PredictionSensor(
+            task_id="wait", prediction_id=create.output, mode="poke", poke_interval=0.5, timeout=2, soft_fail=soft_fail
+        )
+    dr = run(d)
+    assert states(dr) == {"create": "success", "wait": "skipped" if soft_fail else "failed"}
+    [created] = sim.creates()
+    assert len(sim.cancels(created.prediction_id)) == 1
+    assert sim.prediction(created.prediction_id)["status"] == "canceled"
+
+
+def test_poke_mode_sensor_leaves_a_finished_prediction_alone(sim):
+    sim.set_faults(Faults(durations=0.3, fail_rate=1.0))
+    with dag("t_poke_failed") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
+        PredictionSensor(task_id="wait", prediction_id=create.output, mode="poke", poke_interval=0.5, timeout=30)
+    dr = run(d)
+    assert states(dr)["wait"] == "failed"
+    [created] = sim.creates()
+    assert sim.cancels(created.prediction_id) == []
+
+
 def test_mapped_create_and_sense(sim):
     prompts = ["one", "two", "three"]
     with dag("t_mapped") as d:

@@ -6,13 +6,18 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import BaseSensorOperator, conf
+from airflow.providers.common.compat.sdk import (
+    AirflowSensorTimeout,
+    AirflowSkipException,
+    BaseSensorOperator,
+    conf,
+)
 
 from airflow_comet.exceptions import CometAPIError, PredictionFailedError
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
 from airflow_comet.operators._waiting import PredictionWaitMixin
-from airflow_comet.polling import PredictionPoller, terminal_event
+from airflow_comet.polling import PredictionPoller, is_terminal, terminal_event
 from airflow_comet.validation import is_templated, validate_prediction_id
 
 if TYPE_CHECKING:
@@ -30,7 +35,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
     :param prediction_id: The prediction to wait for, usually ``create.output`` (templated).
     :param cometapi_conn_id: The CometAPI connection.
     :param deferrable: Wait in the triggerer (default ``[operators] default_deferrable``).
-    :param cancel_on_kill: Cancel the prediction when the task is stopped or times out.
+    :param cancel_on_kill: Cancel the prediction when the task is stopped or times out (in every mode).
     """
 
     template_fields: Sequence[str] = ("prediction_id",)
@@ -67,7 +72,15 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         validate_prediction_id(self.prediction_id)
         if not self.deferrable:
-            return super().execute(context)
+            try:
+                return super().execute(context)
+            except (AirflowSensorTimeout, AirflowSkipException):
+                # The sensor's own timeout (a skip with soft_fail): stop the prediction too, as the deferred
+                # wait and the operator do; one that already ended needs nothing.
+                last = (self._poller.last_prediction if self._poller else None) or {}
+                if not last or not is_terminal(last):
+                    self._cancel_on_kill(self.prediction_id)
+                raise
         # Check once before deferring: a prediction that is already done needs no trigger.
         prediction = self.hook.get_prediction(self.prediction_id)
         self._push_link(context, prediction)

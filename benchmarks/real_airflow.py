@@ -1,0 +1,235 @@
+"""Benchmark: N mapped predictions on a real Airflow deployment, deferrable versus poke-mode sensor.
+
+    .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200             # deferrable, then poke
+    .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200 --reschedule  # + reschedule mode
+
+One deployment (``tests/e2e/deployment.py``): api-server, scheduler with LocalExecutor (``[core] parallelism``
+4), dag-processor, one triggerer and the CometAPI simulator, on 127.0.0.1, with a throw-away PostgreSQL
+(``tests/reliability/postgres.py``; ``--db sqlite`` for Airflow's SQLite file instead). Each mode runs the
+same batch, one after the other, through its DAG in ``benchmarks/dags/bench_sensor_modes.py``: per
+prediction a create-only ``CreatePredictionOperator`` and a ``PredictionSensor`` on its id (``deferrable=True``,
+``mode="poke"`` or ``mode="reschedule"``; ``poke_interval`` 5 s), in a mapped task group where each sensor
+outranks the creates, so that it starts as soon as its own prediction exists. The simulator is reset (and
+reseeded) before each mode. Prediction run times (simulator ``durations`` per model, as in
+``benchmarks/triggers.py``): 70% 2-10 s, 25% 10-60 s, 5% 60-120 s; ``--spread short`` caps them at 30 and 60 s.
+
+Figures, per mode:
+
+- wall: the DAG run's ``end_date - start_date`` (REST API).
+- worker slot-s: how long LocalExecutor workers were busy with the run. Every time a worker runs a task
+  (a create, a poke-mode sensor for its whole wait, a deferrable sensor's run up to ``defer()`` and its
+  resumed run, each reschedule-mode poke), Airflow's task supervisor logs ``Workload finished ...
+  duration=<s> final_state=<state> workload_id=<ti id>`` in the scheduler's output; the sum of those
+  durations (retried tries included) is the slot-seconds, and ``end - duration`` .. ``end`` are the intervals
+  that give the peak number of tasks running at once. The REST API's task-instance ``duration`` cannot give
+  this: a deferred task keeps its first ``start_date``, so its ``duration`` includes the time it waited in the
+  triggerer (no worker held), and a rescheduled sensor's covers only its last poke. That sum is shown too,
+  as "TI duration sum (REST)". "of which sensors" matches workloads to the sensors' task-instance ids.
+- creates / N and status requests per prediction: from the simulator's request log.
+- tasks succeeded: task instances in ``success`` out of all (``2 N + 1``); retried: ``try_number > 1``.
+- scheduler: stalls (``Heartbeat recovered after``) and reset tasks (``Reset the following N orphaned``) in
+  the scheduler's log during the run (docs/reliability.md, limit 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.triggers import WORKLOAD, _models, machine  # noqa: E402
+from tests.e2e.deployment import AirflowDeployment, DeploymentConfig  # noqa: E402
+from tests.reliability import postgres  # noqa: E402
+from tests.reliability.helpers import creates, polls_per_prediction, start_run, task_instances  # noqa: E402
+
+DAGS = REPO / "benchmarks" / "dags"
+SPREADS = {
+    "realistic": {model: span for model, _, span in WORKLOAD},
+    "short": dict(zip((m for m, _, _ in WORKLOAD), ((2.0, 10.0), (10.0, 30.0), (30.0, 60.0)))),
+}
+_WORKLOAD_LINE = re.compile(r"^(\S+) \[info\s*\] Workload finished (.*)$", re.MULTILINE)
+
+
+def batch(n: int, seed: int) -> list[dict[str, Any]]:
+    """The predictions the DAG maps over (the run's conf): models in the WORKLOAD shares, seeded order."""
+    return [
+        {"model": model, "input": {"prompt": f"benchmark {i}", "seed": i, "output_format": "webp"}}
+        for i, model in enumerate(_models(n, seed))
+    ]
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def workloads(scheduler_log: Path, offset: int) -> tuple[list[dict[str, Any]], str]:
+    """The supervisor's ``Workload finished`` lines written after ``offset`` (end time, duration, state, id),
+    and the log text itself."""
+    with open(scheduler_log, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    out = []
+    for stamp, rest in _WORKLOAD_LINE.findall(text):
+        fields = dict(re.findall(r"(\w+)=(\S+)", rest))
+        out.append({"end": _ts(stamp), "duration": float(fields["duration"]),
+                    "state": fields.get("final_state"), "id": fields.get("workload_id")})
+    return out, text
+
+
+def peak_concurrency(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    peak = current = 0
+    for _, step in events:  # at equal times an end (-1) sorts first
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def run_mode(dep: AirflowDeployment, mode: str, predictions: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
+    dag_id = f"bench_sensor_{mode}"
+    sim = dep.simulator
+    sim.reset()  # forget the previous mode; start-up faults (the durations) and seed again
+    scheduler_log = dep.components["scheduler-0"].log_path
+    offset = scheduler_log.stat().st_size
+    t0 = time.monotonic()
+    run_id = start_run(dep, dag_id, conf={"predictions": predictions})
+    run = dep.wait_for_run(dag_id, run_id, timeout=timeout)
+    observed = time.monotonic() - t0
+    time.sleep(3)  # the supervisor logs "Workload finished" after the task process has reported its state
+    n = len(predictions)
+    tis = task_instances(dep, dag_id, run_id)
+    done, log_text = workloads(scheduler_log, offset)
+    requests = sim.requests()
+    made = creates(requests)
+    polls = polls_per_prediction(requests)
+    per_prediction = [polls.get(c["prediction_id"], 0) for c in made] or [0]
+    sensor_ids = {ti["id"] for ti in tis if ti["task_id"].endswith(".wait")}
+    states = Counter(ti["state"] for ti in tis)
+    return {
+        "mode": mode,
+        "n": n,
+        "run_state": run["state"],
+        "wall_s": _ts(run["end_date"]) - _ts(run["start_date"]),
+        "observed_s": observed,
+        "slot_s": sum(w["duration"] for w in done),
+        "slot_s_sensors": sum(w["duration"] for w in done if w["id"] in sensor_ids),
+        "rest_duration_s": sum(ti.get("duration") or 0.0 for ti in tis),
+        "peak_running": peak_concurrency([(w["end"] - w["duration"], w["end"]) for w in done]),
+        "worker_runs": len(done),
+        "worker_run_states": dict(Counter(w["state"] for w in done)),
+        "creates": len(made),
+        "status_requests": sum(polls.values()),
+        "status_per_prediction_max": max(per_prediction),
+        "prediction_s": sum(p.get("sim_duration") or 0.0 for p in sim.predictions()),
+        "tis": len(tis),
+        "ti_states": dict(states),
+        "retried": sum(1 for ti in tis if (ti.get("try_number") or 0) > 1),
+        "scheduler_stalls": [float(x) for x in re.findall(r"Heartbeat recovered after ([0-9.]+) seconds", log_text)],
+        "scheduler_resets": sum(int(x) for x in re.findall(r"Reset the following (\d+) orphaned", log_text)),
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("mode", "N", "wall s", "worker slot-s", "of which sensors", "slot-s / prediction",
+            "TI duration sum (REST) s", "peak running", "worker runs", "creates / N", "status req / pred (max)",
+            "prediction s (sum)", "tasks succeeded", "retried", "scheduler stalls / resets")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        runs = ", ".join(f"{k} {v}" for k, v in sorted(r["worker_run_states"].items()))
+        stalls = f"{len(r['scheduler_stalls'])} (max {max(r['scheduler_stalls'], default=0):.0f} s) / {r['scheduler_resets']}"
+        cells = (
+            r["mode"], r["n"], f"{r['wall_s']:.0f}", f"{r['slot_s']:.0f}", f"{r['slot_s_sensors']:.0f}",
+            f"{r['slot_s'] / r['n']:.1f}", f"{r['rest_duration_s']:.0f}", r["peak_running"],
+            f"{r['worker_runs']} ({runs})", f"{r['creates']} / {r['n']}",
+            f"{r['status_requests'] / r['n']:.2f} ({r['status_per_prediction_max']})", f"{r['prediction_s']:.0f}",
+            f"{r['ti_states'].get('success', 0)} / {r['tis']}", r["retried"], stalls,
+        )
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="mapped predictions per mode (default 200)")
+    parser.add_argument("--parallelism", type=int, default=4, help="[core] parallelism (default 4)")
+    parser.add_argument("--poke-interval", type=float, default=5.0, help="every sensor's poke_interval (default 5)")
+    parser.add_argument("--reschedule", action="store_true", help="also run the sensor in reschedule mode")
+    parser.add_argument("--spread", choices=sorted(SPREADS), default="realistic",
+                        help="prediction run times: realistic (2-10/10-60/60-120 s) or short (2-10/10-30/30-60 s)")
+    parser.add_argument("--db", choices=["postgres", "sqlite"], default="postgres")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--run-timeout", type=float, default=7200.0, help="seconds allowed per DAG run")
+    parser.add_argument("--home", type=Path, help="AIRFLOW_HOME to create (default: a new temporary directory)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args()
+    modes = ["deferrable", "poke"] + (["reschedule"] if args.reschedule else [])
+    spans = SPREADS[args.spread]
+    predictions = batch(args.n, args.seed)
+
+    t_start = time.monotonic()
+    load_before = os.getloadavg()
+    pg = postgres.PostgresCluster() if args.db == "postgres" else None
+    if pg is not None:
+        pg.start()
+    try:
+        config = DeploymentConfig(
+            parallelism=args.parallelism,
+            database_url=pg.url if pg else None,
+            dags_folder=DAGS,
+            connection_extra={"read_timeout": 15, "connect_timeout": 5},  # else the provider's defaults
+            simulator_faults={"durations": {model: list(span) for model, span in spans.items()}},
+            simulator_seed=args.seed,
+            airflow_config={"core": {"max_active_tasks_per_dag": 100_000}},
+            extra_env={"COMET_BENCH_POKE_INTERVAL": str(args.poke_interval)},
+            start_timeout=300.0,
+            migrate_timeout=240.0,
+        )
+        with AirflowDeployment(config, base_dir=args.home) as dep:
+            ready = time.monotonic() - t_start
+            print(f"deployment ready in {ready:.0f} s; AIRFLOW_HOME={dep.home}", file=sys.stderr, flush=True)
+            results = []
+            for mode in modes:
+                results.append(run_mode(dep, mode, predictions, args.run_timeout))
+                print(f"{mode}: run {results[-1]['run_state']} in {results[-1]['observed_s']:.0f} s",
+                      file=sys.stderr, flush=True)
+            settings = dep.airflow_settings()
+    finally:
+        if pg is not None:
+            pg.stop()
+
+    db = f"PostgreSQL ({pg.bin_dir.parent.name})" if pg else "SQLite"
+    shares = ", ".join(f"{share:.0%} {spans[m][0]:g}-{spans[m][1]:g} s" for m, share, _ in WORKLOAD)
+    sched = settings["scheduler"]
+    print(f"Machine: nproc {len(os.sched_getaffinity(0))}; {machine()}; load average before start "
+          f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1 / 5 / 15 min)")
+    print(f"Deployment: tests/e2e/deployment.py, LocalExecutor, [core] parallelism {args.parallelism}, "
+          f"max_active_tasks_per_dag 100000 (DAG max_active_tasks 100000, no pools beyond default_pool's 128), "
+          f"1 scheduler (scheduler_heartbeat_sec {sched['scheduler_heartbeat_sec']}, scheduler_idle_sleep_time "
+          f"{sched['scheduler_idle_sleep_time']}), 1 triggerer, dag-processor, api-server, metadata DB {db}; "
+          f"connection extra read_timeout 15, connect_timeout 5 (retries: provider defaults).")
+    print(f"Workload: N = {args.n} mapped predictions per mode ({shares}{' -- SHORTENED spread' if args.spread == 'short' else ''}; "
+          f"simulator seed {args.seed}, reset before each mode); DAG benchmarks/dags/bench_sensor_modes.py: mapped "
+          f"task group create (create-only) -> PredictionSensor(poke_interval={args.poke_interval:g}, timeout=3600), "
+          f"weight_rule upstream (sensor before the next create), retries 3 (5 s); modes run one after the other.")
+    print()
+    print(table(results))
+    print()
+    print(f"Total time: {time.monotonic() - t_start:.0f} s (deployment start-up {ready:.0f} s; "
+          + ", ".join(f"{r['mode']} run {r['observed_s']:.0f} s" for r in results) + ").")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
