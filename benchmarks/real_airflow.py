@@ -4,14 +4,16 @@
     .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200 --reschedule  # + reschedule mode
 
 One deployment (``tests/e2e/deployment.py``): api-server, scheduler with LocalExecutor (``[core] parallelism``
-4), dag-processor, one triggerer and the CometAPI simulator, on 127.0.0.1, with a throw-away PostgreSQL
-(``tests/reliability/postgres.py``; ``--db sqlite`` for Airflow's SQLite file instead). Each mode runs the
+4), dag-processor and one triggerer on 127.0.0.1, with a throw-away PostgreSQL (``tests/reliability/postgres.py``;
+``--db sqlite`` for Airflow's SQLite file instead). The CometAPI simulator runs in this process (the
+harness's ``simulator=False``, its connection passed in ``AIRFLOW_CONN_COMETAPI_DEFAULT``), so that each
+prediction's run time can be a function of its input: prediction ``i`` runs the same time in every mode. Each mode runs the
 same batch, one after the other, through its DAG in ``benchmarks/dags/bench_sensor_modes.py``: per
 prediction a create-only ``CreatePredictionOperator`` and a ``PredictionSensor`` on its id (``deferrable=True``,
 ``mode="poke"`` or ``mode="reschedule"``; ``poke_interval`` 5 s), in a mapped task group where each sensor
-outranks the creates, so that it starts as soon as its own prediction exists. The simulator is reset (and
-reseeded) before each mode. Prediction run times (simulator ``durations`` per model, as in
-``benchmarks/triggers.py``): 70% 2-10 s, 25% 10-60 s, 5% 60-120 s; ``--spread short`` caps them at 30 and 60 s.
+outranks the creates, so that it starts as soon as its own prediction exists. The simulator is reset before each
+mode. Prediction run times, as in ``benchmarks/triggers.py``: 70% 2-10 s, 25% 10-60 s, 5% 60-120 s (uniform in
+each band, drawn once from ``--seed``); ``--spread short`` caps the bands at 30 and 60 s.
 
 Figures, per mode:
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -48,8 +51,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from airflow_comet.testing.faults import Faults  # noqa: E402
+from airflow_comet.testing.simulator import CometAPISimulator  # noqa: E402
 from benchmarks.triggers import WORKLOAD, _models, machine  # noqa: E402
-from tests.e2e.deployment import AirflowDeployment, DeploymentConfig  # noqa: E402
+from tests.e2e.deployment import API_KEY, AirflowDeployment, DeploymentConfig, SimulatorClient  # noqa: E402
 from tests.reliability import postgres  # noqa: E402
 from tests.reliability.helpers import creates, polls_per_prediction, start_run, task_instances  # noqa: E402
 
@@ -61,12 +66,17 @@ SPREADS = {
 _WORKLOAD_LINE = re.compile(r"^(\S+) \[info\s*\] Workload finished (.*)$", re.MULTILINE)
 
 
-def batch(n: int, seed: int) -> list[dict[str, Any]]:
-    """The predictions the DAG maps over (the run's conf): models in the WORKLOAD shares, seeded order."""
-    return [
+def batch(n: int, seed: int, spans: dict[str, tuple[float, float]]) -> tuple[list[dict[str, Any]], list[float]]:
+    """The predictions the DAG maps over (the run's conf; models in the WORKLOAD shares, in a seeded order),
+    and the run time of each (prediction ``i`` carries ``input["seed"] = i``)."""
+    models = _models(n, seed)
+    rng = random.Random(seed)
+    durations = [rng.uniform(*spans[model]) for model in models]
+    predictions = [
         {"model": model, "input": {"prompt": f"benchmark {i}", "seed": i, "output_format": "webp"}}
-        for i, model in enumerate(_models(n, seed))
+        for i, model in enumerate(models)
     ]
+    return predictions, durations
 
 
 def _ts(text: str) -> float:
@@ -96,10 +106,11 @@ def peak_concurrency(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def run_mode(dep: AirflowDeployment, mode: str, predictions: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
+def run_mode(
+    dep: AirflowDeployment, sim: SimulatorClient, mode: str, predictions: list[dict[str, Any]], timeout: float
+) -> dict[str, Any]:
     dag_id = f"bench_sensor_{mode}"
-    sim = dep.simulator
-    sim.reset()  # forget the previous mode; start-up faults (the durations) and seed again
+    sim.reset()  # forget the previous mode's predictions and requests
     scheduler_log = dep.components["scheduler-0"].log_path
     offset = scheduler_log.stat().st_size
     t0 = time.monotonic()
@@ -131,7 +142,6 @@ def run_mode(dep: AirflowDeployment, mode: str, predictions: list[dict[str, Any]
         "creates": len(made),
         "status_requests": sum(polls.values()),
         "status_per_prediction_max": max(per_prediction),
-        "prediction_s": sum(p.get("sim_duration") or 0.0 for p in sim.predictions()),
         "tis": len(tis),
         "ti_states": dict(states),
         "retried": sum(1 for ti in tis if (ti.get("try_number") or 0) > 1),
@@ -143,7 +153,7 @@ def run_mode(dep: AirflowDeployment, mode: str, predictions: list[dict[str, Any]
 def table(results: list[dict[str, Any]]) -> str:
     head = ("mode", "N", "wall s", "worker slot-s", "of which sensors", "slot-s / prediction",
             "TI duration sum (REST) s", "peak running", "worker runs", "creates / N", "status req / pred (max)",
-            "prediction s (sum)", "tasks succeeded", "retried", "scheduler stalls / resets")
+            "tasks succeeded", "retried", "scheduler stalls / resets")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         runs = ", ".join(f"{k} {v}" for k, v in sorted(r["worker_run_states"].items()))
@@ -152,7 +162,7 @@ def table(results: list[dict[str, Any]]) -> str:
             r["mode"], r["n"], f"{r['wall_s']:.0f}", f"{r['slot_s']:.0f}", f"{r['slot_s_sensors']:.0f}",
             f"{r['slot_s'] / r['n']:.1f}", f"{r['rest_duration_s']:.0f}", r["peak_running"],
             f"{r['worker_runs']} ({runs})", f"{r['creates']} / {r['n']}",
-            f"{r['status_requests'] / r['n']:.2f} ({r['status_per_prediction_max']})", f"{r['prediction_s']:.0f}",
+            f"{r['status_requests'] / r['n']:.2f} ({r['status_per_prediction_max']})",
             f"{r['ti_states'].get('success', 0)} / {r['tis']}", r["retried"], stalls,
         )
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -175,35 +185,43 @@ def main() -> None:
     args = parser.parse_args()
     modes = ["deferrable", "poke"] + (["reschedule"] if args.reschedule else [])
     spans = SPREADS[args.spread]
-    predictions = batch(args.n, args.seed)
+    predictions, durations = batch(args.n, args.seed, spans)
+
+    def duration(model: str, inputs: dict[str, Any]) -> float:
+        return durations[inputs["seed"]]
 
     t_start = time.monotonic()
     load_before = os.getloadavg()
     pg = postgres.PostgresCluster() if args.db == "postgres" else None
-    if pg is not None:
-        pg.start()
     try:
-        config = DeploymentConfig(
-            parallelism=args.parallelism,
-            database_url=pg.url if pg else None,
-            dags_folder=DAGS,
-            connection_extra={"read_timeout": 15, "connect_timeout": 5},  # else the provider's defaults
-            simulator_faults={"durations": {model: list(span) for model, span in spans.items()}},
-            simulator_seed=args.seed,
-            airflow_config={"core": {"max_active_tasks_per_dag": 100_000}},
-            extra_env={"COMET_BENCH_POKE_INTERVAL": str(args.poke_interval)},
-            start_timeout=300.0,
-            migrate_timeout=240.0,
-        )
-        with AirflowDeployment(config, base_dir=args.home) as dep:
-            ready = time.monotonic() - t_start
-            print(f"deployment ready in {ready:.0f} s; AIRFLOW_HOME={dep.home}", file=sys.stderr, flush=True)
-            results = []
-            for mode in modes:
-                results.append(run_mode(dep, mode, predictions, args.run_timeout))
-                print(f"{mode}: run {results[-1]['run_state']} in {results[-1]['observed_s']:.0f} s",
-                      file=sys.stderr, flush=True)
-            settings = dep.airflow_settings()
+        if pg is not None:
+            pg.start()
+        with CometAPISimulator(API_KEY, faults=Faults(durations=duration), seed=args.seed) as simulator:
+            sim = SimulatorClient(simulator.base_url, API_KEY)
+            # read_timeout 15 / connect_timeout 5 (everything is on 127.0.0.1), retries: the provider's defaults
+            conn = sim.connection(read_timeout=15, connect_timeout=5)
+            config = DeploymentConfig(
+                parallelism=args.parallelism,
+                database_url=pg.url if pg else None,
+                dags_folder=DAGS,
+                simulator=False,
+                airflow_config={"core": {"max_active_tasks_per_dag": 100_000}},
+                extra_env={
+                    "AIRFLOW_CONN_COMETAPI_DEFAULT": json.dumps(conn),
+                    "COMET_BENCH_POKE_INTERVAL": str(args.poke_interval),
+                },
+                start_timeout=300.0,
+                migrate_timeout=240.0,
+            )
+            with AirflowDeployment(config, base_dir=args.home) as dep:
+                ready = time.monotonic() - t_start
+                print(f"deployment ready in {ready:.0f} s; AIRFLOW_HOME={dep.home}", file=sys.stderr, flush=True)
+                results = []
+                for mode in modes:
+                    results.append(run_mode(dep, sim, mode, predictions, args.run_timeout))
+                    print(f"{mode}: run {results[-1]['run_state']} in {results[-1]['observed_s']:.0f} s",
+                          file=sys.stderr, flush=True)
+                settings = dep.airflow_settings()
     finally:
         if pg is not None:
             pg.stop()
@@ -217,9 +235,11 @@ def main() -> None:
           f"max_active_tasks_per_dag 100000 (DAG max_active_tasks 100000, no pools beyond default_pool's 128), "
           f"1 scheduler (scheduler_heartbeat_sec {sched['scheduler_heartbeat_sec']}, scheduler_idle_sleep_time "
           f"{sched['scheduler_idle_sleep_time']}), 1 triggerer, dag-processor, api-server, metadata DB {db}; "
-          f"connection extra read_timeout 15, connect_timeout 5 (retries: provider defaults).")
+          f"CometAPI simulator in the benchmark process; connection extra read_timeout 15, connect_timeout 5 "
+          f"(retries: provider defaults).")
     print(f"Workload: N = {args.n} mapped predictions per mode ({shares}{' -- SHORTENED spread' if args.spread == 'short' else ''}; "
-          f"simulator seed {args.seed}, reset before each mode); DAG benchmarks/dags/bench_sensor_modes.py: mapped "
+          f"seed {args.seed}: prediction i runs the same time in every mode, {sum(durations):.0f} s in all, "
+          f"longest {max(durations):.0f} s); DAG benchmarks/dags/bench_sensor_modes.py: mapped "
           f"task group create (create-only) -> PredictionSensor(poke_interval={args.poke_interval:g}, timeout=3600), "
           f"weight_rule upstream (sensor before the next create), retries 3 (5 s); modes run one after the other.")
     print()
