@@ -31,29 +31,6 @@ def use_own_sessions() -> None:
     CometAPIHook._aget_session = _aget_session  # type: ignore[method-assign]
 
 
-def cache_settings() -> None:
-    """A suggestion measured, not shipped: resolve each connection once per event loop, not once per trigger.
-
-    ``aget_settings`` asks Airflow for the connection for every new hook (about 0.7 ms of CPU and a thread
-    hop in Airflow 3.3); with thousands of triggers starting, that is the largest start-up cost.
-    """
-    import asyncio
-
-    original = CometAPIHook.aget_settings
-    cache: dict[tuple[int, str], object] = {}
-
-    async def aget_settings(self: CometAPIHook):  # type: ignore[no-untyped-def]
-        if self._settings is None:
-            key = (id(asyncio.get_running_loop()), self.cometapi_conn_id)
-            found = cache.get(key)
-            if found is None:
-                found = cache[key] = await original(self)
-            self._settings = found  # type: ignore[assignment]
-        return self._settings
-
-    CometAPIHook.aget_settings = aget_settings  # type: ignore[method-assign]
-
-
 def jitter_first_poll(spread: float = 0.5) -> None:
     """A suggestion measured, not shipped: a trigger picked up after its prediction's first second polls
     within ``spread`` seconds instead of at once, so a batch of late pick-ups does not poll in one burst."""
