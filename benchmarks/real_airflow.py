@@ -1,19 +1,20 @@
 """Benchmark: N mapped predictions on a real Airflow deployment, deferrable versus poke-mode sensor.
 
-    .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200             # deferrable, then poke
-    .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200 --reschedule  # + reschedule mode
+    .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200      # deferrable, then poke
+    .venv/airflow-3.3/bin/python benchmarks/real_airflow.py --n 200 --modes deferrable poke reschedule
 
 One deployment (``tests/e2e/deployment.py``): api-server, scheduler with LocalExecutor (``[core] parallelism``
 4), dag-processor and one triggerer on 127.0.0.1, with a throw-away PostgreSQL (``tests/reliability/postgres.py``;
 ``--db sqlite`` for Airflow's SQLite file instead). The CometAPI simulator runs in this process (the
 harness's ``simulator=False``, its connection passed in ``AIRFLOW_CONN_COMETAPI_DEFAULT``), so that each
-prediction's run time can be a function of its input: prediction ``i`` runs the same time in every mode. Each mode runs the
-same batch, one after the other, through its DAG in ``benchmarks/dags/bench_sensor_modes.py``: per
-prediction a create-only ``CreatePredictionOperator`` and a ``PredictionSensor`` on its id (``deferrable=True``,
-``mode="poke"`` or ``mode="reschedule"``; ``poke_interval`` 5 s), in a mapped task group where each sensor
-outranks the creates, so that it starts as soon as its own prediction exists. The simulator is reset before each
-mode. Prediction run times, as in ``benchmarks/triggers.py``: 70% 2-10 s, 25% 10-60 s, 5% 60-120 s (uniform in
-each band, drawn once from ``--seed``); ``--spread short`` caps the bands at 30 and 60 s.
+prediction's run time can be a function of its input: prediction ``i`` runs the same time in every mode.
+
+Each mode runs the same batch, one after the other, through its DAG in ``benchmarks/dags/bench_sensor_modes.py``:
+per prediction a create-only ``CreatePredictionOperator`` and a ``PredictionSensor`` on its id
+(``deferrable=True``, ``mode="poke"`` or ``mode="reschedule"``; ``poke_interval`` 5 s), in a mapped task group
+where each sensor outranks the creates, so that it starts as soon as its own prediction exists. The simulator
+is reset before each mode. Prediction run times, as in ``benchmarks/triggers.py``: 70% 2-10 s, 25% 10-60 s,
+5% 60-120 s (uniform in each band, drawn once from ``--seed``); ``--spread short`` caps the bands at 30 and 60 s.
 
 Figures, per mode:
 
@@ -26,7 +27,10 @@ Figures, per mode:
   that give the peak number of tasks running at once. The REST API's task-instance ``duration`` cannot give
   this: a deferred task keeps its first ``start_date``, so its ``duration`` includes the time it waited in the
   triggerer (no worker held), and a rescheduled sensor's covers only its last poke. That sum is shown too,
-  as "TI duration sum (REST)". "of which sensors" matches workloads to the sensors' task-instance ids.
+  as "TI duration sum (REST)". "of which sensors": the workloads of the ``wait`` tasks (ids matched through the
+  scheduler's ``TaskInstance Finished: ... task_id=... ti_id=...`` lines, which name every try). A worker run
+  includes the supervisor's start-up and wind-down: on Airflow 3.3.2 some runs (of any task) keep their worker
+  about 5 s after the task process has finished, in every mode.
 - creates / N and status requests per prediction: from the simulator's request log.
 - tasks succeeded: task instances in ``success`` out of all (``2 N + 1``); retried: ``try_number > 1``.
 - scheduler: stalls (``Heartbeat recovered after``) and reset tasks (``Reset the following N orphaned``) in
@@ -64,6 +68,7 @@ SPREADS = {
     "short": dict(zip((m for m, _, _ in WORKLOAD), ((2.0, 10.0), (10.0, 30.0), (30.0, 60.0)))),
 }
 _WORKLOAD_LINE = re.compile(r"^(\S+) \[info\s*\] Workload finished (.*)$", re.MULTILINE)
+_FINISHED = re.compile(r"TaskInstance Finished: dag_id=[^,]+, task_id=([^,]+), run_id=.*?, ti_id=([0-9a-f-]+)")
 
 
 def batch(n: int, seed: int, spans: dict[str, tuple[float, float]]) -> tuple[list[dict[str, Any]], list[float]]:
@@ -117,15 +122,24 @@ def run_mode(
     run_id = start_run(dep, dag_id, conf={"predictions": predictions})
     run = dep.wait_for_run(dag_id, run_id, timeout=timeout)
     observed = time.monotonic() - t0
-    time.sleep(3)  # the supervisor logs "Workload finished" after the task process has reported its state
     n = len(predictions)
     tis = task_instances(dep, dag_id, run_id)
-    done, log_text = workloads(scheduler_log, offset)
+
+    def settled() -> tuple[list[dict[str, Any]], str] | None:
+        # The supervisor logs "Workload finished" once the task process has gone, which can be seconds after
+        # the task reported its state (and so after the run ended): wait for the line of every task's last try.
+        done, text = workloads(scheduler_log, offset)
+        logged = {w["id"] for w in done}
+        return (done, text) if all(ti["id"] in logged for ti in tis if ti.get("start_date")) else None
+
+    done, log_text = dep.wait_until(settled, time.monotonic() + 60, "every task's 'Workload finished' line", interval=1)
     requests = sim.requests()
     made = creates(requests)
     polls = polls_per_prediction(requests)
     per_prediction = [polls.get(c["prediction_id"], 0) for c in made] or [0]
-    sensor_ids = {ti["id"] for ti in tis if ti["task_id"].endswith(".wait")}
+    # Task of each workload id: a retry gets a new id, which the REST API no longer shows; the scheduler
+    # logs every try's "TaskInstance Finished: dag_id=..., task_id=..., ..., ti_id=...".
+    task_of = {tid: task for task, tid in _FINISHED.findall(log_text)} | {ti["id"]: ti["task_id"] for ti in tis}
     states = Counter(ti["state"] for ti in tis)
     return {
         "mode": mode,
@@ -134,7 +148,7 @@ def run_mode(
         "wall_s": _ts(run["end_date"]) - _ts(run["start_date"]),
         "observed_s": observed,
         "slot_s": sum(w["duration"] for w in done),
-        "slot_s_sensors": sum(w["duration"] for w in done if w["id"] in sensor_ids),
+        "slot_s_sensors": sum(w["duration"] for w in done if task_of.get(w["id"], "").endswith(".wait")),
         "rest_duration_s": sum(ti.get("duration") or 0.0 for ti in tis),
         "peak_running": peak_concurrency([(w["end"] - w["duration"], w["end"]) for w in done]),
         "worker_runs": len(done),
@@ -157,24 +171,50 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         runs = ", ".join(f"{k} {v}" for k, v in sorted(r["worker_run_states"].items()))
-        stalls = f"{len(r['scheduler_stalls'])} (max {max(r['scheduler_stalls'], default=0):.0f} s) / {r['scheduler_resets']}"
+        stalls = r["scheduler_stalls"]
         cells = (
             r["mode"], r["n"], f"{r['wall_s']:.0f}", f"{r['slot_s']:.0f}", f"{r['slot_s_sensors']:.0f}",
             f"{r['slot_s'] / r['n']:.1f}", f"{r['rest_duration_s']:.0f}", r["peak_running"],
             f"{r['worker_runs']} ({runs})", f"{r['creates']} / {r['n']}",
             f"{r['status_requests'] / r['n']:.2f} ({r['status_per_prediction_max']})",
-            f"{r['ti_states'].get('success', 0)} / {r['tis']}", r["retried"], stalls,
+            f"{r['ti_states'].get('success', 0)} / {r['tis']}", r["retried"],
+            f"{len(stalls)} (max {max(stalls, default=0):.0f} s) / {r['scheduler_resets']}",
         )
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
+def describe(args: argparse.Namespace, durations: list[float], db: str, settings: dict, load: tuple) -> str:
+    """The machine and the exact settings, printed above the table."""
+    spans = SPREADS[args.spread]
+    bands = ", ".join(f"{share:.0%} {spans[m][0]:g}-{spans[m][1]:g} s" for m, share, _ in WORKLOAD)
+    sched = settings["scheduler"]
+    return "\n".join([
+        f"Machine: nproc {len(os.sched_getaffinity(0))}; {machine()}; load average before start "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)",
+        f"Deployment (tests/e2e/deployment.py): LocalExecutor, [core] parallelism {args.parallelism}, "
+        "max_active_tasks_per_dag and DAG max_active_tasks 100000, no pool but default_pool (128 slots); "
+        f"1 scheduler (scheduler_heartbeat_sec {sched['scheduler_heartbeat_sec']}, scheduler_idle_sleep_time "
+        f"{sched['scheduler_idle_sleep_time']}), 1 triggerer, dag-processor, api-server; metadata DB {db}; "
+        "CometAPI simulator in the benchmark process, connection extra read_timeout 15, connect_timeout 5 "
+        "(retries: the provider's defaults).",
+        f"Workload: N = {args.n} mapped predictions per mode, {args.spread} spread ({bands}"
+        f"{'; SHORTENED, not the realistic one' if args.spread == 'short' else ''}); seed {args.seed}: "
+        f"prediction i runs the same time in every mode, {sum(durations):.0f} s in all, longest "
+        f"{max(durations):.0f} s. DAG benchmarks/dags/bench_sensor_modes.py: mapped task group create "
+        f"(create-only) -> PredictionSensor(poke_interval={args.poke_interval:g}, timeout=3600), weight_rule "
+        "upstream (a sensor before the next create), retries 3 (5 s); modes "
+        f"{', '.join(args.modes)}, one after the other in the same deployment.",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="mapped predictions per mode (default 200)")
+    parser.add_argument("--modes", nargs="+", choices=["deferrable", "poke", "reschedule"],
+                        default=["deferrable", "poke"], help="sensor modes, in this order (default: deferrable poke)")
     parser.add_argument("--parallelism", type=int, default=4, help="[core] parallelism (default 4)")
     parser.add_argument("--poke-interval", type=float, default=5.0, help="every sensor's poke_interval (default 5)")
-    parser.add_argument("--reschedule", action="store_true", help="also run the sensor in reschedule mode")
     parser.add_argument("--spread", choices=sorted(SPREADS), default="realistic",
                         help="prediction run times: realistic (2-10/10-60/60-120 s) or short (2-10/10-30/30-60 s)")
     parser.add_argument("--db", choices=["postgres", "sqlite"], default="postgres")
@@ -183,23 +223,19 @@ def main() -> None:
     parser.add_argument("--home", type=Path, help="AIRFLOW_HOME to create (default: a new temporary directory)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
-    modes = ["deferrable", "poke"] + (["reschedule"] if args.reschedule else [])
-    spans = SPREADS[args.spread]
-    predictions, durations = batch(args.n, args.seed, spans)
+    predictions, durations = batch(args.n, args.seed, SPREADS[args.spread])
 
     def duration(model: str, inputs: dict[str, Any]) -> float:
         return durations[inputs["seed"]]
 
     t_start = time.monotonic()
-    load_before = os.getloadavg()
+    load = os.getloadavg()
     pg = postgres.PostgresCluster() if args.db == "postgres" else None
     try:
         if pg is not None:
             pg.start()
         with CometAPISimulator(API_KEY, faults=Faults(durations=duration), seed=args.seed) as simulator:
             sim = SimulatorClient(simulator.base_url, API_KEY)
-            # read_timeout 15 / connect_timeout 5 (everything is on 127.0.0.1), retries: the provider's defaults
-            conn = sim.connection(read_timeout=15, connect_timeout=5)
             config = DeploymentConfig(
                 parallelism=args.parallelism,
                 database_url=pg.url if pg else None,
@@ -207,7 +243,8 @@ def main() -> None:
                 simulator=False,
                 airflow_config={"core": {"max_active_tasks_per_dag": 100_000}},
                 extra_env={
-                    "AIRFLOW_CONN_COMETAPI_DEFAULT": json.dumps(conn),
+                    # Everything is on 127.0.0.1: short timeouts; retries are the provider's defaults.
+                    "AIRFLOW_CONN_COMETAPI_DEFAULT": json.dumps(sim.connection(read_timeout=15, connect_timeout=5)),
                     "COMET_BENCH_POKE_INTERVAL": str(args.poke_interval),
                 },
                 start_timeout=300.0,
@@ -217,7 +254,7 @@ def main() -> None:
                 ready = time.monotonic() - t_start
                 print(f"deployment ready in {ready:.0f} s; AIRFLOW_HOME={dep.home}", file=sys.stderr, flush=True)
                 results = []
-                for mode in modes:
+                for mode in args.modes:
                     results.append(run_mode(dep, sim, mode, predictions, args.run_timeout))
                     print(f"{mode}: run {results[-1]['run_state']} in {results[-1]['observed_s']:.0f} s",
                           file=sys.stderr, flush=True)
@@ -226,29 +263,16 @@ def main() -> None:
         if pg is not None:
             pg.stop()
 
-    db = f"PostgreSQL ({pg.bin_dir.parent.name})" if pg else "SQLite"
-    shares = ", ".join(f"{share:.0%} {spans[m][0]:g}-{spans[m][1]:g} s" for m, share, _ in WORKLOAD)
-    sched = settings["scheduler"]
-    print(f"Machine: nproc {len(os.sched_getaffinity(0))}; {machine()}; load average before start "
-          f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1 / 5 / 15 min)")
-    print(f"Deployment: tests/e2e/deployment.py, LocalExecutor, [core] parallelism {args.parallelism}, "
-          f"max_active_tasks_per_dag 100000 (DAG max_active_tasks 100000, no pools beyond default_pool's 128), "
-          f"1 scheduler (scheduler_heartbeat_sec {sched['scheduler_heartbeat_sec']}, scheduler_idle_sleep_time "
-          f"{sched['scheduler_idle_sleep_time']}), 1 triggerer, dag-processor, api-server, metadata DB {db}; "
-          f"CometAPI simulator in the benchmark process; connection extra read_timeout 15, connect_timeout 5 "
-          f"(retries: provider defaults).")
-    print(f"Workload: N = {args.n} mapped predictions per mode ({shares}{' -- SHORTENED spread' if args.spread == 'short' else ''}; "
-          f"seed {args.seed}: prediction i runs the same time in every mode, {sum(durations):.0f} s in all, "
-          f"longest {max(durations):.0f} s); DAG benchmarks/dags/bench_sensor_modes.py: mapped "
-          f"task group create (create-only) -> PredictionSensor(poke_interval={args.poke_interval:g}, timeout=3600), "
-          f"weight_rule upstream (sensor before the next create), retries 3 (5 s); modes run one after the other.")
+    db = f"PostgreSQL {pg.bin_dir.parent.name} (tests/reliability/postgres.py)" if pg else "SQLite"
+    print(describe(args, durations, db, settings, load))
     print()
     print(table(results))
     print()
-    print(f"Total time: {time.monotonic() - t_start:.0f} s (deployment start-up {ready:.0f} s; "
-          + ", ".join(f"{r['mode']} run {r['observed_s']:.0f} s" for r in results) + ").")
+    runs = ", ".join(f"{r['mode']} run {r['observed_s']:.0f} s" for r in results)
+    print(f"Total time: {time.monotonic() - t_start:.0f} s (deployment start-up {ready:.0f} s; {runs}).")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        figures = {"args": {k: str(v) for k, v in vars(args).items()}, "durations": durations, "results": results}
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
