@@ -16,9 +16,15 @@ where each sensor outranks the creates, so that it starts as soon as its own pre
 is reset before each mode. Prediction run times, as in ``benchmarks/triggers.py``: 70% 2-10 s, 25% 10-60 s,
 5% 60-120 s (uniform in each band, drawn once from ``--seed``); ``--spread short`` caps the bands at 30 and 60 s.
 
+The creates run in a pool of ``parallelism - 1`` slots (``--create-pool``; 0: no pool, as docs/reliability.md
+limit 7 advises on LocalExecutor): Airflow 3.3.2's scheduler hands the LocalExecutor many more task instances
+than ``parallelism`` (39 at N = 48 without the pool; column "peak handed to executor"), and its 4 workers take
+them first come, first served, whatever their priority; without the pool every create queues up ahead of the
+first sensors, and most predictions are over before their sensor starts.
+
 Figures, per mode:
 
-- wall: the DAG run's ``end_date - start_date`` (REST API).
+- run, wall: the DAG run's state and ``end_date - start_date`` (REST API).
 - worker slot-s: how long LocalExecutor workers were busy with the run. Every time a worker runs a task
   (a create, a poke-mode sensor for its whole wait, a deferrable sensor's run up to ``defer()`` and its
   resumed run, each reschedule-mode poke), Airflow's task supervisor logs ``Workload finished ...
@@ -31,8 +37,13 @@ Figures, per mode:
   scheduler's ``TaskInstance Finished: ... task_id=... ti_id=...`` lines, which name every try). A worker run
   includes the supervisor's start-up and wind-down: on Airflow 3.3.2 some runs (of any task) keep their worker
   about 5 s after the task process has finished, in every mode.
+- peak handed to executor: the most task instances sent to the executor and not yet finished (the
+  scheduler's ``Trying to enqueue tasks`` lines minus ``Workload finished`` lines).
 - creates / N and status requests per prediction: from the simulator's request log.
-- tasks succeeded: task instances in ``success`` out of all (``2 N + 1``); retried: ``try_number > 1``.
+- tasks succeeded: task instances in ``success`` out of all (``2 N + 1``); retried: ``try_number > 1``. Airflow
+  3.3.2 fails a try when the executor's late report of the task's previous run (deferred, or up for
+  reschedule) arrives after the task is queued again ("task state changed externally"); the DAG's retries
+  absorb most of those, but in reschedule mode with a 5 s ``poke_interval`` a sensor can use up all four tries.
 - scheduler: stalls (``Heartbeat recovered after``) and reset tasks (``Reset the following N orphaned``) in
   the scheduler's log during the run (docs/reliability.md, limit 7).
 """
@@ -63,12 +74,14 @@ from tests.reliability import postgres  # noqa: E402
 from tests.reliability.helpers import creates, polls_per_prediction, start_run, task_instances  # noqa: E402
 
 DAGS = REPO / "benchmarks" / "dags"
+POOL = "cometapi_creates"
 SPREADS = {
     "realistic": {model: span for model, _, span in WORKLOAD},
     "short": dict(zip((m for m, _, _ in WORKLOAD), ((2.0, 10.0), (10.0, 30.0), (30.0, 60.0)))),
 }
 _WORKLOAD_LINE = re.compile(r"^(\S+) \[info\s*\] Workload finished (.*)$", re.MULTILINE)
-_FINISHED = re.compile(r"TaskInstance Finished: dag_id=[^,]+, task_id=([^,]+), run_id=.*?, ti_id=([0-9a-f-]+)")
+_ENQUEUED = re.compile(r"^(\S+) \[info\s*\] Trying to enqueue tasks: \[(.*?)\] for executor", re.MULTILINE | re.DOTALL)
+_FINISHED = re.compile(r"TaskInstance Finished: dag_id=([^,]+), task_id=([^,]+), run_id=.*?, ti_id=([0-9a-f-]+)")
 
 
 def batch(n: int, seed: int, spans: dict[str, tuple[float, float]]) -> tuple[list[dict[str, Any]], list[float]]:
@@ -102,6 +115,17 @@ def workloads(scheduler_log: Path, offset: int) -> tuple[list[dict[str, Any]], s
     return out, text
 
 
+def peak_backlog(log_text: str, done: list[dict[str, Any]]) -> int:
+    """The most task instances handed to the executor and not finished yet."""
+    steps = [(_ts(stamp), text.count("<TaskInstance:")) for stamp, text in _ENQUEUED.findall(log_text)]
+    steps += [(w["end"], -1) for w in done]
+    peak = current = 0
+    for _, step in sorted(steps):
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
 def peak_concurrency(intervals: list[tuple[float, float]]) -> int:
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
     peak = current = 0
@@ -125,21 +149,31 @@ def run_mode(
     n = len(predictions)
     tis = task_instances(dep, dag_id, run_id)
 
-    def settled() -> tuple[list[dict[str, Any]], str] | None:
+    def settled() -> bool:
         # The supervisor logs "Workload finished" once the task process has gone, which can be seconds after
-        # the task reported its state (and so after the run ended): wait for the line of every task's last try.
-        done, text = workloads(scheduler_log, offset)
-        logged = {w["id"] for w in done}
-        return (done, text) if all(ti["id"] in logged for ti in tis if ti.get("start_date")) else None
+        # the task reported its state (and so after the run ended): wait for every task's last line.
+        logged = {(w["id"], w["state"]) for w in workloads(scheduler_log, offset)[0]}
+        ids = {tid for tid, _ in logged}
+        return all(
+            (ti["id"], "success") in logged if ti["state"] == "success" else ti["id"] in ids
+            for ti in tis
+            if ti.get("start_date")
+        )
 
-    done, log_text = dep.wait_until(settled, time.monotonic() + 60, "every task's 'Workload finished' line", interval=1)
+    try:
+        dep.wait_until(settled, time.monotonic() + 60, "every task's last 'Workload finished' line", interval=1)
+    except AssertionError:
+        print(f"{mode}: some 'Workload finished' lines are missing; counting those logged", file=sys.stderr)
+    done, log_text = workloads(scheduler_log, offset)
     requests = sim.requests()
     made = creates(requests)
     polls = polls_per_prediction(requests)
     per_prediction = [polls.get(c["prediction_id"], 0) for c in made] or [0]
     # Task of each workload id: a retry gets a new id, which the REST API no longer shows; the scheduler
     # logs every try's "TaskInstance Finished: dag_id=..., task_id=..., ..., ti_id=...".
-    task_of = {tid: task for task, tid in _FINISHED.findall(log_text)} | {ti["id"]: ti["task_id"] for ti in tis}
+    task_of = {tid: task for dag, task, tid in _FINISHED.findall(log_text) if dag == dag_id}
+    task_of |= {ti["id"]: ti["task_id"] for ti in tis}
+    done = [w for w in done if w["id"] in task_of]  # this run's only
     states = Counter(ti["state"] for ti in tis)
     return {
         "mode": mode,
@@ -151,6 +185,7 @@ def run_mode(
         "slot_s_sensors": sum(w["duration"] for w in done if task_of.get(w["id"], "").endswith(".wait")),
         "rest_duration_s": sum(ti.get("duration") or 0.0 for ti in tis),
         "peak_running": peak_concurrency([(w["end"] - w["duration"], w["end"]) for w in done]),
+        "peak_backlog": peak_backlog(log_text, done),
         "worker_runs": len(done),
         "worker_run_states": dict(Counter(w["state"] for w in done)),
         "creates": len(made),
@@ -165,16 +200,16 @@ def run_mode(
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("mode", "N", "wall s", "worker slot-s", "of which sensors", "slot-s / prediction",
-            "TI duration sum (REST) s", "peak running", "worker runs", "creates / N", "status req / pred (max)",
-            "tasks succeeded", "retried", "scheduler stalls / resets")
+    head = ("mode", "N", "run", "wall s", "worker slot-s", "of which sensors", "slot-s / prediction",
+            "TI duration sum (REST) s", "peak running", "peak handed to executor", "worker runs", "creates / N",
+            "status req / pred (max)", "tasks succeeded", "retried", "scheduler stalls / resets")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         runs = ", ".join(f"{k} {v}" for k, v in sorted(r["worker_run_states"].items()))
         stalls = r["scheduler_stalls"]
         cells = (
-            r["mode"], r["n"], f"{r['wall_s']:.0f}", f"{r['slot_s']:.0f}", f"{r['slot_s_sensors']:.0f}",
-            f"{r['slot_s'] / r['n']:.1f}", f"{r['rest_duration_s']:.0f}", r["peak_running"],
+            r["mode"], r["n"], r["run_state"], f"{r['wall_s']:.0f}", f"{r['slot_s']:.0f}", f"{r['slot_s_sensors']:.0f}",
+            f"{r['slot_s'] / r['n']:.1f}", f"{r['rest_duration_s']:.0f}", r["peak_running"], r["peak_backlog"],
             f"{r['worker_runs']} ({runs})", f"{r['creates']} / {r['n']}",
             f"{r['status_requests'] / r['n']:.2f} ({r['status_per_prediction_max']})",
             f"{r['ti_states'].get('success', 0)} / {r['tis']}", r["retried"],
@@ -193,7 +228,9 @@ def describe(args: argparse.Namespace, durations: list[float], db: str, settings
         f"Machine: nproc {len(os.sched_getaffinity(0))}; {machine()}; load average before start "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)",
         f"Deployment (tests/e2e/deployment.py): LocalExecutor, [core] parallelism {args.parallelism}, "
-        "max_active_tasks_per_dag and DAG max_active_tasks 100000, no pool but default_pool (128 slots); "
+        "max_active_tasks_per_dag and DAG max_active_tasks 100000; creates in "
+        + (f"pool {POOL} ({args.create_pool} slots, deferred not counted)" if args.create_pool else "default_pool")
+        + ", sensors in default_pool (128 slots); "
         f"1 scheduler (scheduler_heartbeat_sec {sched['scheduler_heartbeat_sec']}, scheduler_idle_sleep_time "
         f"{sched['scheduler_idle_sleep_time']}), 1 triggerer, dag-processor, api-server; metadata DB {db}; "
         "CometAPI simulator in the benchmark process, connection extra read_timeout 15, connect_timeout 5 "
@@ -214,6 +251,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["deferrable", "poke", "reschedule"],
                         default=["deferrable", "poke"], help="sensor modes, in this order (default: deferrable poke)")
     parser.add_argument("--parallelism", type=int, default=4, help="[core] parallelism (default 4)")
+    parser.add_argument("--create-pool", type=int, help="slots of the creates' pool (default parallelism - 1; 0: none)")
     parser.add_argument("--poke-interval", type=float, default=5.0, help="every sensor's poke_interval (default 5)")
     parser.add_argument("--spread", choices=sorted(SPREADS), default="realistic",
                         help="prediction run times: realistic (2-10/10-60/60-120 s) or short (2-10/10-30/30-60 s)")
@@ -223,6 +261,8 @@ def main() -> None:
     parser.add_argument("--home", type=Path, help="AIRFLOW_HOME to create (default: a new temporary directory)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
+    if args.create_pool is None:
+        args.create_pool = max(1, args.parallelism - 1)
     predictions, durations = batch(args.n, args.seed, SPREADS[args.spread])
 
     def duration(model: str, inputs: dict[str, Any]) -> float:
@@ -246,6 +286,7 @@ def main() -> None:
                     # Everything is on 127.0.0.1: short timeouts; retries are the provider's defaults.
                     "AIRFLOW_CONN_COMETAPI_DEFAULT": json.dumps(sim.connection(read_timeout=15, connect_timeout=5)),
                     "COMET_BENCH_POKE_INTERVAL": str(args.poke_interval),
+                    "COMET_BENCH_CREATE_POOL": POOL if args.create_pool else "default_pool",
                 },
                 start_timeout=300.0,
                 migrate_timeout=240.0,
@@ -253,6 +294,9 @@ def main() -> None:
             with AirflowDeployment(config, base_dir=args.home) as dep:
                 ready = time.monotonic() - t_start
                 print(f"deployment ready in {ready:.0f} s; AIRFLOW_HOME={dep.home}", file=sys.stderr, flush=True)
+                if args.create_pool:
+                    pool = {"name": POOL, "slots": args.create_pool, "include_deferred": False}
+                    dep.api.request("POST", "pools", json=pool, expect=(200, 201))
                 results = []
                 for mode in args.modes:
                     results.append(run_mode(dep, sim, mode, predictions, args.run_timeout))

@@ -5,12 +5,15 @@
 group over it: per prediction a create-only ``CreatePredictionOperator`` (``wait_for_completion=False``: it
 pushes the id and ends) and a ``PredictionSensor`` on that id. In a mapped task group ``wait[i]`` depends on
 ``create[i]`` alone, so each sensor can start as soon as its own prediction exists; ``weight_rule="upstream"``
-gives the sensors (3) a higher priority than the creates (2), so a free worker slot goes to a sensor
-first: each sensor really waits for its prediction, instead of starting after the last create, when most
-predictions would already be done.
+gives the sensors (3) a higher priority than the creates (2), so the scheduler hands a ready sensor to the
+executor before the next create: each sensor really waits for its prediction, instead of starting after the
+last create, when most predictions would already be done. (LocalExecutor runs what it was handed in that
+order, hence the creates' pool below.)
 
 ``COMET_BENCH_POKE_INTERVAL`` (environment, default 5 s) is every sensor's ``poke_interval``: the interval
 between pokes in poke/reschedule mode, and the interval the deferred trigger backs off towards.
+``COMET_BENCH_CREATE_POOL`` (default ``default_pool``) is the creates' pool: the benchmark makes it smaller than
+``[core] parallelism``, as docs/reliability.md (limit 7) advises for LocalExecutor.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ except ImportError:  # Airflow 2
     from airflow.decorators import task, task_group
 
 POKE_INTERVAL = float(os.environ.get("COMET_BENCH_POKE_INTERVAL", "5"))
+CREATE_POOL = os.environ.get("COMET_BENCH_CREATE_POOL", "default_pool")
 #: Sensor arguments per mode.
 MODES = {
     "deferrable": {"deferrable": True},
@@ -57,7 +61,13 @@ def _bench_dag(mode: str) -> DAG:
         @task_group
         def prediction(model, input):
             create = CreatePredictionOperator(
-                task_id="create", model=model, input=input, wait_for_completion=False, weight_rule="upstream", **RETRIES
+                task_id="create",
+                model=model,
+                input=input,
+                wait_for_completion=False,
+                pool=CREATE_POOL,
+                weight_rule="upstream",
+                **RETRIES,
             )
             PredictionSensor(
                 task_id="wait",
