@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import aiohttp
 
-from airflow_comet.hooks.cometapi import USER_AGENT, CometAPIHook
+from airflow_comet.hooks.cometapi import CometAPIHook, new_async_session
 
 
 def use_own_sessions() -> None:
-    """The hook as it was before the shared pool: one aiohttp session (and pool) per hook, so per trigger.
+    """The hook before the shared pool: the hook's own session, but one per hook, so per trigger.
 
     ``aclose`` still works: ``release_session`` closes a session it does not know at once.
     """
 
     async def _aget_session(self: CometAPIHook) -> aiohttp.ClientSession:
         if self._async_session is None or self._async_session.closed:
-            settings = await self.aget_settings()
-            self._async_session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-                ),
-                headers={
-                    "Authorization": f"Bearer {settings.api_key}",
-                    "User-Agent": USER_AGENT,
-                    "Accept": "application/json",
-                },
-            )
+            self._async_session = new_async_session(await self.aget_settings())
         return self._async_session
 
     CometAPIHook._aget_session = _aget_session  # type: ignore[method-assign]

@@ -221,25 +221,8 @@ class CometAPIHook(HttpHook):
     async def _aget_session(self) -> aiohttp.ClientSession:
         if self._async_session is None or self._async_session.closed:
             settings = await self.aget_settings()
-
-            def make() -> aiohttp.ClientSession:
-                return aiohttp.ClientSession(
-                    # No cap on connections: one in flight per trigger at most, as with a session each.
-                    connector=aiohttp.TCPConnector(limit=0),
-                    # The API sets no cookies we need, and a jar costs CPU on every request of every trigger.
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-                    ),
-                    headers={
-                        "Authorization": f"Bearer {settings.api_key}",
-                        "User-Agent": USER_AGENT,
-                        "Accept": "application/json",
-                    },
-                )
-
             # One session (one keep-alive pool) per connection and event loop, shared by every trigger.
-            self._async_session = shared_session(settings, make)
+            self._async_session = shared_session(settings, lambda: new_async_session(settings))
         return self._async_session
 
     async def _arequest(
@@ -413,6 +396,24 @@ class CometAPIHook(HttpHook):
             # The server may legitimately hold the answer that long: extend the read timeout to match.
             hold = prefer_wait + _PREFER_WAIT_MARGIN
         return path, body, headers, hold
+
+
+def new_async_session(settings: ConnectionSettings) -> aiohttp.ClientSession:
+    """An aiohttp session that sends the connection's key to its host, with its timeouts."""
+    return aiohttp.ClientSession(
+        # No cap on connections: one in flight per trigger at most, as with a session each.
+        connector=aiohttp.TCPConnector(limit=0),
+        # The API sets no cookies we need, and a jar costs CPU on every request of every trigger.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        headers={
+            "Authorization": f"Bearer {settings.api_key}",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        },
+    )
 
 
 try:  # aiohttp >= 3.10 tells connect timeouts apart from read timeouts.
