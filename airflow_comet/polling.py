@@ -8,7 +8,7 @@ The loops only do the I/O.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,10 +54,16 @@ def next_poll_delay(age: float, poll_interval: float, rng: random.Random | None 
 
 @dataclass(frozen=True)
 class PollOutcome:
-    """After one status check: an ``event`` when the wait is over, else the ``delay`` before the next."""
+    """After one status check: an ``event`` when the wait is over, else the ``delay`` before the next.
+
+    ``new_status`` is the prediction's status when this check found it changed (the first answer counts
+    as a change from ``previous_status`` ``None``), so every loop logs status changes the same way.
+    """
 
     event: dict[str, Any] | None = None
     delay: float = 0.0
+    new_status: str | None = None
+    previous_status: str | None = None
 
 
 @dataclass
@@ -106,10 +112,14 @@ class PredictionPoller:
         self.last_prediction = compact_prediction(prediction)
         self._fatal_errors = self._bad_answers = self._transient_errors = 0
         self._last_error = None
-        self._last_status = status
-        if status not in NON_TERMINAL_STATUSES:
-            return PollOutcome(event=terminal_event(self.prediction_id, self.last_prediction))
-        return self._keep_polling(now)
+        previous, self._last_status = self._last_status, status
+        if status in NON_TERMINAL_STATUSES:
+            outcome = self._keep_polling(now)
+        else:
+            outcome = PollOutcome(event=terminal_event(self.prediction_id, self.last_prediction))
+        if status != previous:
+            outcome = replace(outcome, new_status=status, previous_status=previous)
+        return outcome
 
     def on_error(self, error: BaseException, now: float) -> PollOutcome:
         """Decide after a status check raised ``error`` (after the hook's own retries)."""

@@ -139,3 +139,18 @@ def test_compact_prediction_elides_data_uris_but_keeps_outputs():
 @pytest.mark.parametrize("bad", [None, "text", 3])
 def test_not_a_dict_is_a_bad_answer(bad):
     assert poller().on_prediction(bad, 0).event is None
+
+
+def test_status_changes_are_reported_once_each_and_bad_answers_are_not_changes():
+    p = poller()
+    seen = []
+    for now, answer in enumerate(
+        [prediction(status="starting"), prediction(status="starting"), {"status": "weird"},
+         prediction(status="processing"), prediction(status="processing"), prediction(status="succeeded")]
+    ):
+        outcome = p.on_prediction(answer, float(now))
+        seen.append((outcome.previous_status, outcome.new_status) if outcome.new_status else None)
+    assert seen == [
+        (None, "starting"), None, None, ("starting", "processing"), None, ("processing", "succeeded")
+    ]
+    assert outcome.event is not None and outcome.event["status"] == "succeeded"

@@ -93,10 +93,9 @@ class PredictionWaitMixin:
                 self.log.warning("Status check of prediction %s failed: %s", prediction["id"], error)
                 outcome = poller.on_error(error, time.time())
             else:
-                previous = (poller.last_prediction or {}).get("status")
                 outcome = poller.on_prediction(latest, time.time())
-                if latest.get("status") != previous:
-                    self.log.info("Prediction %s is %s", prediction["id"], latest.get("status"))
+            if outcome.new_status:
+                self.log.info("Prediction %s is %s", prediction["id"], outcome.new_status)
         return outcome.event
 
     def _trigger(

@@ -11,7 +11,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks.cometapi import CometAPIHook
-from airflow_comet.polling import PredictionPoller, is_terminal
+from airflow_comet.polling import PredictionPoller
 
 
 class PredictionTrigger(BaseTrigger):
@@ -82,14 +82,13 @@ class PredictionTrigger(BaseTrigger):
                     except CometAPIError as error:
                         outcome = poller.on_error(error, time.time())
                     else:
-                        previous = (poller.last_prediction or {}).get("status")
                         outcome = poller.on_prediction(prediction, time.time())
-                        if prediction.get("status") != previous and not is_terminal(prediction):
-                            # The first answer at INFO (the wait is alive), later changes at DEBUG: a log line
-                            # costs the triggerer more CPU than a status request, and the INFO line below
-                            # says how the wait ended.
-                            log = self.log.info if previous is None else self.log.debug
-                            log("Prediction %s is %s", self.prediction_id, prediction["status"])
+                    if outcome.new_status and outcome.event is None:
+                        # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
+                        # costs the triggerer more CPU than a status request, and the INFO line below says
+                        # how the wait ended.
+                        log = self.log.info if outcome.previous_status is None else self.log.debug
+                        log("Prediction %s is %s", self.prediction_id, outcome.new_status)
                     if outcome.event is not None:
                         self.log.info(
                             "%s (%d status checks in %.0f s)",
