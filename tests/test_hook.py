@@ -6,9 +6,11 @@ import asyncio
 import email.utils
 import json
 import logging
+import socket
 import time
 
 import pytest
+from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
 from airflow_comet.exceptions import (
     CometAPIAmbiguousCreateError,
@@ -226,6 +228,8 @@ def test_async_hook_keeps_one_connection_for_many_requests(scripted):
     asyncio.run(run())
     assert len(scripted.seen) == 5
     assert scripted.connections == 1
+    # A trigger's hook never builds the requests machinery it does not use.
+    assert hook.keep_alive_adapter is None
 
 
 def test_sync_hook_keeps_one_connection_for_many_requests(scripted):
@@ -234,6 +238,10 @@ def test_sync_hook_keeps_one_connection_for_many_requests(scripted):
     for _ in range(5):
         hook.get_prediction("p1")
     assert scripted.connections == 1
+    # With TCP keep-alive probes, as HttpHook sets them up: a long Prefer: wait hold is not dropped as idle.
+    adapter = hook.session.get_adapter(scripted.url)
+    assert isinstance(adapter, TCPKeepAliveAdapter)
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in adapter.socket_options
 
 
 def test_key_echoed_by_the_server_is_scrubbed_from_errors(scripted):

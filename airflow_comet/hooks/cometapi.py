@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import requests
 from airflow.providers.http.hooks.http import HttpHook
+from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a dependency of providers-http
 
 from airflow_comet import __version__
 from airflow_comet.exceptions import (
@@ -82,7 +83,10 @@ class CometAPIHook(HttpHook):
     def __init__(
         self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
     ) -> None:
-        super().__init__(method="GET", http_conn_id=cometapi_conn_id)
+        # No requests adapter yet: HttpHook builds one per hook (a pool manager, a lock, ~18 objects the
+        # garbage collector walks), and a trigger, which only speaks aiohttp, would carry it for nothing.
+        # The sync session mounts one when it is first built.
+        super().__init__(method="GET", http_conn_id=cometapi_conn_id, tcp_keep_alive=False)
         self.cometapi_conn_id = cometapi_conn_id
         self._retry_policy = retry_policy
         self._settings: ConnectionSettings | None = None
@@ -147,6 +151,8 @@ class CometAPIHook(HttpHook):
     def session(self) -> requests.Session:
         """One keep-alive session for the hook's lifetime (HttpHook builds a new one per ``run()``)."""
         settings = self.settings
+        if self.keep_alive_adapter is None:
+            self.keep_alive_adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30)  # HttpHook's defaults
         session = self.get_conn()
         for key in OWN_EXTRAS:
             session.headers.pop(key, None)
