@@ -98,3 +98,29 @@ class FixedIntervalTrigger(BaseTrigger):
                     yield TriggerEvent({"status": body["status"], "prediction_id": self.prediction_id})
                     return
                 await asyncio.sleep(self.interval)
+
+
+class IdleTrigger(BaseTrigger):
+    """The benchmark's floor: no I/O at all. It wakes ``wakeups`` times, ``interval`` seconds apart (about as
+    often as ``PredictionTrigger`` polls), then fires.
+
+    What it costs is what every side pays anyway to be rebuilt, scheduled, woken and finished by the
+    triggerer; what a side costs above it is the cost of its status checks.
+    """
+
+    def __init__(self, prediction_id: str, wakeups: int = 6, interval: float = 2.0) -> None:
+        super().__init__()
+        self.prediction_id = prediction_id
+        self.wakeups = int(wakeups)
+        self.interval = float(interval)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {"prediction_id": self.prediction_id, "wakeups": self.wakeups, "interval": self.interval},
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        for _ in range(self.wakeups):
+            await asyncio.sleep(self.interval)
+        yield TriggerEvent({"status": "idle", "prediction_id": self.prediction_id})

@@ -2,13 +2,15 @@
 
     .venv/airflow-3.3/bin/python benchmarks/triggers.py --n 100 1000 5000
 
-For every N, three sides run on the same workload (same seed: the same models in the same order, so the
+For every N, four sides run on the same workload (same seed: the same models in the same order, so the
 simulator draws the same durations):
 
 - ``PredictionTrigger`` (this provider);
 - ``HttpSensorTrigger`` at its default 5 s, as ``HttpSensor(deferrable=True)`` would run it
   (``benchmarks/baselines.py`` says exactly what was adapted and why);
-- a naive fixed 2 s loop (one keep-alive aiohttp session per trigger).
+- a naive fixed 2 s loop (one keep-alive aiohttp session per trigger);
+- the floor: an idle trigger that sends nothing and wakes six times, 2 s apart (what any trigger costs the
+  triggerer before its first request; the "CPU above floor" column compares what the sides spend on top).
 
 Plus a budget run: N = 1,000 ``PredictionTrigger`` with the connection extra ``max_requests_per_second``
 = 50. ``--compare-pool`` adds ``PredictionTrigger`` with one connection pool per trigger (the hook before
@@ -59,6 +61,7 @@ SIDES = {
     "prediction": "PredictionTrigger",
     "http_sensor": "HttpSensorTrigger (5 s)",
     "naive": "naive fixed 2 s loop",
+    "idle": "floor: idle trigger, no I/O",
 }
 BASELINE = "http_sensor"
 COMET_CONN = "cometapi_bench"
@@ -118,6 +121,10 @@ def _trigger_line(case: Case, prediction: dict[str, Any]) -> dict[str, Any]:
         trigger = StatusHttpSensorTrigger(
             endpoint=f"replicate/v1/predictions/{pid}", http_conn_id=HTTP_CONN, method="GET", poke_interval=5.0
         )
+    elif case.side == "idle":
+        from benchmarks.baselines import IdleTrigger
+
+        trigger = IdleTrigger(prediction_id=pid)
     else:
         from benchmarks.baselines import FixedIntervalTrigger
 
@@ -317,7 +324,10 @@ def figures(o: Outcome) -> dict[str, Any]:
     per_pid = collections.Counter(r["pid"] for r in o.status_requests)
     windows = collections.Counter(int(r["t"]) for r in o.status_requests)
     durations = {pid: p["sim_duration"] for pid, p in o.predictions.items()}
-    latency = {pid: t - o.predictions[pid]["sim_terminal_epoch"] for pid, (t, _) in events.items()}
+    # The idle floor fires whenever it likes: its "latency" would mean nothing.
+    latency = {} if o.case.side == "idle" else {
+        pid: t - o.predictions[pid]["sim_terminal_epoch"] for pid, (t, _) in events.items()
+    }
     under10 = [lat for pid, lat in latency.items() if durations[pid] < 10]
     under60 = [lat for pid, lat in latency.items() if durations[pid] < 60]
     over60 = [pid for pid, d in durations.items() if d > 60]
@@ -384,17 +394,27 @@ def _f(value: Any, digits: int = 2) -> str:
     return f"{value:,}"
 
 
+def _above_floor(row: dict[str, Any], base: dict[str, Any] | None, floor: float | None) -> str:
+    """CPU above the idle floor, as a ratio to the baseline's: what the status checks themselves cost, since
+    every side pays the floor (being rebuilt, scheduled, woken and finished) whatever it does."""
+    if base is None or floor is None or row["side"] == "idle" or base["cpu_per_1k"] <= floor:
+        return "-"
+    return _f((row["cpu_per_1k"] - floor) / (base["cpu_per_1k"] - floor))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     base = {r["n"]: r for r in rows if r["side"] == BASELINE and not r["budget"] and not r["own_sessions"]}
+    floor = {r["n"]: r["cpu_per_1k"] for r in rows if r["side"] == "idle"}
     head = (
         "| run | N | CPU s / 1k pred | peak RSS MB | KB / trigger | req / pred | req / pred > 60 s "
         "| conns opened | latency p50 / p95 / max s | < 10 s: p95 / max s | worst stall ms | max req/s "
-        "| CPU × | req × | p95 < 10 s × |"
+        "| CPU × | CPU above floor × | req × | p95 < 10 s × |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = base.get(r["n"])
         ratio = lambda key: _f(r[key] / b[key]) if b and b[key] else "-"  # noqa: E731
+        above = _above_floor(r, b, floor.get(r["n"]))
         lines.append(
             "| "
             + " | ".join(
@@ -412,6 +432,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     _f(r["max_stall_ms"], 0),
                     _f(r["max_rps"]),
                     ratio("cpu_per_1k"),
+                    above,
                     ratio("req_per_pred"),
                     ratio("lat10_p95"),
                 ]
