@@ -56,14 +56,17 @@ def next_poll_delay(age: float, poll_interval: float, rng: random.Random | None 
 class PollOutcome:
     """After one status check: an ``event`` when the wait is over, else the ``delay`` before the next.
 
-    ``new_status`` is the prediction's status when this check found it changed (the first answer counts
-    as a change from ``previous_status`` ``None``), so every loop logs status changes the same way.
+    For the loops' logs, so that none has to track the last status itself: ``new_status`` is the
+    prediction's status when this check found it changed (the first answer is a change from
+    ``previous_status`` ``None``); ``problem`` says why an answer made no sense (it is tolerated a few
+    times before the wait fails).
     """
 
     event: dict[str, Any] | None = None
     delay: float = 0.0
     new_status: str | None = None
     previous_status: str | None = None
+    problem: str | None = None
 
 
 @dataclass
@@ -169,7 +172,7 @@ class PredictionPoller:
                     f"made no sense ({reason}).",
                 )
             )
-        return self._keep_polling(now, after_error=self._bad_answers)
+        return replace(self._keep_polling(now, after_error=self._bad_answers), problem=reason)
 
     def _keep_polling(self, now: float, after_error: int = 0) -> PollOutcome:
         if self.end_time is not None and now >= self.end_time:

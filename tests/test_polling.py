@@ -149,8 +149,13 @@ def test_status_changes_are_reported_once_each_and_bad_answers_are_not_changes()
          prediction(status="processing"), prediction(status="processing"), prediction(status="succeeded")]
     ):
         outcome = p.on_prediction(answer, float(now))
-        seen.append((outcome.previous_status, outcome.new_status) if outcome.new_status else None)
+        seen.append((outcome.previous_status, outcome.new_status) if outcome.new_status else outcome.problem)
     assert seen == [
-        (None, "starting"), None, None, ("starting", "processing"), None, ("processing", "succeeded")
+        (None, "starting"),
+        None,
+        "the answer has no known status (status='weird')",
+        ("starting", "processing"),
+        None,
+        ("processing", "succeeded"),
     ]
     assert outcome.event is not None and outcome.event["status"] == "succeeded"

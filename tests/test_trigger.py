@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import time
 
 import pytest
@@ -142,3 +143,26 @@ async def test_on_kill_respects_cancel_on_kill_false(sim):
     trigger.state = "failed"
     await trigger.on_kill()
     assert sim.cancels(prediction_id) == []
+
+
+async def test_log_says_the_first_status_each_nonsense_answer_and_how_the_wait_ended(sim, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    prediction_id = create(sim, durations=4)
+    sim.set_faults(Faults(durations=4, unknown_status="warming_up"))
+    trigger = PredictionTrigger(prediction_id, poll_interval=0.5, started_at=time.time() - 30)
+
+    async def two_polls_then_healthy() -> None:
+        while len(sim.polls(prediction_id)) < 2:
+            await asyncio.sleep(0.05)
+        sim.set_faults(Faults(durations=4))
+
+    healer = asyncio.ensure_future(two_polls_then_healthy())
+    [event] = await events(trigger, limit=30)
+    await healer
+    # Airflow 3 logs through structlog to stdout, Airflow 2 through logging: read both.
+    logged = caplog.text + capsys.readouterr().out
+    assert event["status"] == "succeeded"
+    assert logged.count("the answer has no known status (status='warming_up')") >= 2
+    assert logged.count(f"Prediction {prediction_id} is processing") == 1  # the first status, once
+    assert f"Prediction {prediction_id} succeeded. (" in logged and "status checks in" in logged
+    assert API_KEY not in logged

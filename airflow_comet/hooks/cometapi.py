@@ -147,12 +147,16 @@ class CometAPIHook(HttpHook):
 
     # -- sync transport (requests, through HttpHook's session set-up) ------------------------------------
 
+    def get_conn(self, *args: Any, **kwargs: Any) -> requests.Session:
+        """HttpHook's requests session, with its TCP keep-alive adapter (built here, on first sync use)."""
+        if self.keep_alive_adapter is None and getattr(self, "adapter", None) is None:
+            self.keep_alive_adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30)  # HttpHook's defaults
+        return super().get_conn(*args, **kwargs)
+
     @cached_property
     def session(self) -> requests.Session:
         """One keep-alive session for the hook's lifetime (HttpHook builds a new one per ``run()``)."""
         settings = self.settings
-        if self.keep_alive_adapter is None:
-            self.keep_alive_adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30)  # HttpHook's defaults
         session = self.get_conn()
         for key in OWN_EXTRAS:
             session.headers.pop(key, None)

@@ -94,6 +94,8 @@ class PredictionWaitMixin:
                 outcome = poller.on_error(error, time.time())
             else:
                 outcome = poller.on_prediction(latest, time.time())
+                if outcome.problem:
+                    self.log.warning("Status check of prediction %s: %s", prediction["id"], outcome.problem)
             if outcome.new_status:
                 self.log.info("Prediction %s is %s", prediction["id"], outcome.new_status)
         return outcome.event

@@ -89,6 +89,8 @@ class PredictionTrigger(BaseTrigger):
                         # how the wait ended.
                         log = self.log.info if outcome.previous_status is None else self.log.debug
                         log("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                    elif outcome.problem and outcome.event is None:
+                        self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
                     if outcome.event is not None:
                         self.log.info(
                             "%s (%d status checks in %.0f s)",
