@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -101,26 +102,38 @@ class FixedIntervalTrigger(BaseTrigger):
 
 
 class IdleTrigger(BaseTrigger):
-    """The benchmark's floor: no I/O at all. It wakes ``wakeups`` times, ``interval`` seconds apart (about as
-    often as ``PredictionTrigger`` polls), then fires.
+    """The benchmark's floor: ``PredictionTrigger`` without its I/O. It wakes on ``PredictionTrigger``'s own
+    poll schedule (``next_poll_delay``) and fires once ``lifetime`` seconds have passed since ``started_at``
+    (the benchmark draws each lifetime from the same spread as the simulator's durations).
 
-    What it costs is what every side pays anyway to be rebuilt, scheduled, woken and finished by the
-    triggerer; what a side costs above it is the cost of its status checks.
+    What it costs is what a trigger pays anyway to be rebuilt, scheduled, woken and finished by the
+    triggerer, plus the harness's own ticking over the same run time; what ``PredictionTrigger`` costs above
+    it is the cost of its status checks. (The baselines wake less or more often, so for them the floor is
+    an approximation.)
     """
 
-    def __init__(self, prediction_id: str, wakeups: int = 6, interval: float = 2.0) -> None:
+    def __init__(self, prediction_id: str, started_at: float, lifetime: float, poll_interval: float = 20.0) -> None:
         super().__init__()
         self.prediction_id = prediction_id
-        self.wakeups = int(wakeups)
-        self.interval = float(interval)
+        self.started_at = float(started_at)
+        self.lifetime = float(lifetime)
+        self.poll_interval = float(poll_interval)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            {"prediction_id": self.prediction_id, "wakeups": self.wakeups, "interval": self.interval},
+            {
+                "prediction_id": self.prediction_id,
+                "started_at": self.started_at,
+                "lifetime": self.lifetime,
+                "poll_interval": self.poll_interval,
+            },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        for _ in range(self.wakeups):
-            await asyncio.sleep(self.interval)
+        from airflow_comet.polling import FIRST_POLL_DELAY, next_poll_delay
+
+        await asyncio.sleep(max(0.0, self.started_at + FIRST_POLL_DELAY - time.time()))
+        while (age := time.time() - self.started_at) < self.lifetime:
+            await asyncio.sleep(next_poll_delay(age, self.poll_interval))
         yield TriggerEvent({"status": "idle", "prediction_id": self.prediction_id})
