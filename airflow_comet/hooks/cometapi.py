@@ -83,9 +83,9 @@ class CometAPIHook(HttpHook):
     def __init__(
         self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
     ) -> None:
-        # No requests adapter yet: HttpHook builds one per hook (a pool manager, a lock, ~18 objects the
+        # No requests adapter yet: HttpHook builds one per hook (a pool manager, a lock, ~12 objects the
         # garbage collector walks), and a trigger, which only speaks aiohttp, would carry it for nothing.
-        # The sync session mounts one when it is first built.
+        # get_conn() builds it for the sync session.
         super().__init__(method="GET", http_conn_id=cometapi_conn_id, tcp_keep_alive=False)
         self.cometapi_conn_id = cometapi_conn_id
         self._retry_policy = retry_policy

@@ -83,14 +83,6 @@ class PredictionTrigger(BaseTrigger):
                         outcome = poller.on_error(error, time.time())
                     else:
                         outcome = poller.on_prediction(prediction, time.time())
-                    if outcome.new_status and outcome.event is None:
-                        # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
-                        # costs the triggerer more CPU than a status request, and the INFO line below says
-                        # how the wait ended.
-                        log = self.log.info if outcome.previous_status is None else self.log.debug
-                        log("Prediction %s is %s", self.prediction_id, outcome.new_status)
-                    elif outcome.problem and outcome.event is None:
-                        self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
                     if outcome.event is not None:
                         self.log.info(
                             "%s (%d status checks in %.0f s)",
@@ -100,6 +92,14 @@ class PredictionTrigger(BaseTrigger):
                         )
                         yield TriggerEvent(outcome.event)
                         return
+                    if outcome.new_status:
+                        # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
+                        # costs the triggerer more CPU than a status request, and the INFO line above says
+                        # how the wait ended.
+                        log = self.log.info if outcome.previous_status is None else self.log.debug
+                        log("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                    elif outcome.problem:
+                        self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
                     delay = outcome.delay
         except (asyncio.CancelledError, GeneratorExit):
             raise
