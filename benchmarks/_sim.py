@@ -60,6 +60,25 @@ class SimProcess:
                 response.raise_for_status()
                 return await response.json()
 
+    def connection_env(self) -> dict[str, str]:
+        """``AIRFLOW_CONN_CB`` (CometAPI) and ``AIRFLOW_CONN_HB`` (http, key in a header) for this simulator."""
+        return {
+            "AIRFLOW_CONN_CB": json.dumps({"conn_type": "cometapi", "password": self.api_key, "host": self.base_url}),
+            "AIRFLOW_CONN_HB": json.dumps(
+                {"conn_type": "http", "host": self.base_url, "extra": {"Authorization": f"Bearer {self.api_key}"}}
+            ),
+        }
+
+    async def create_predictions(self, n: int, model: str = "black-forest-labs/flux-schnell") -> list[str]:
+        """Start ``n`` predictions of ``model``, one after another; their ids."""
+        ids = []
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.api_key}"}) as session:
+            for _ in range(n):
+                url = f"{self.base_url}/replicate/v1/models/{model}/predictions"
+                async with session.post(url, json={"input": {"prompt": "x"}}) as response:
+                    ids.append((await response.json())["id"])
+        return ids
+
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return

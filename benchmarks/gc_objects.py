@@ -28,8 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import aiohttp  # noqa: E402
-
 from benchmarks._sim import SimProcess  # noqa: E402
 
 SIDES = ("idle", "prediction", "http_sensor", "naive")
@@ -57,17 +55,8 @@ def _trigger(side: str, prediction_id: str) -> Any:
 async def measure(side: str, n: int) -> dict[str, Any]:
     sim = await SimProcess(KEY, {"durations": {"black-forest-labs/flux-schnell": [600, 600]}}).start()
     try:
-        os.environ["AIRFLOW_CONN_CB"] = json.dumps({"conn_type": "cometapi", "password": KEY, "host": sim.base_url})
-        os.environ["AIRFLOW_CONN_HB"] = json.dumps(
-            {"conn_type": "http", "host": sim.base_url, "extra": {"Authorization": f"Bearer {KEY}"}}
-        )
-        ids = []
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
-            for _ in range(n):
-                url = f"{sim.base_url}/replicate/v1/models/black-forest-labs/flux-schnell/predictions"
-                async with session.post(url, json={"input": {"prompt": "x"}}) as response:
-                    ids.append((await response.json())["id"])
-        triggers = [_trigger(side, pid) for pid in ids]
+        os.environ.update(sim.connection_env())
+        triggers = [_trigger(side, pid) for pid in await sim.create_predictions(n)]
         try:
             import greenback
         except ImportError:

@@ -37,12 +37,9 @@ def _cpu() -> float:
 async def main() -> None:
     sim = await SimProcess(KEY, {"durations": {"black-forest-labs/flux-schnell": [900, 900]}}).start()
     try:
-        os.environ["AIRFLOW_CONN_CB"] = json.dumps({"conn_type": "cometapi", "password": KEY, "host": sim.base_url})
+        os.environ.update(sim.connection_env())
+        [prediction_id] = await sim.create_predictions(1)
         headers = {"Authorization": f"Bearer {KEY}"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            url = f"{sim.base_url}/replicate/v1/models/black-forest-labs/flux-schnell/predictions"
-            async with session.post(url, json={"input": {"prompt": "x"}}) as response:
-                prediction_id = (await response.json())["id"]
         from airflow_comet.hooks.cometapi import CometAPIHook
 
         status_url = f"{sim.base_url}/replicate/v1/predictions/{prediction_id}"
