@@ -31,6 +31,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from airflow_comet.hooks._per_loop import Registry, per_loop
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -139,9 +141,8 @@ class RequestBudget:
         self._schedule(loop)
 
 
-# (id(loop), conn_id) -> (weak reference to the loop, its budget). The id alone could be reused by a
-# new loop once the old one is gone, so the weak reference is checked on every lookup.
-_budgets: dict[tuple[int, str], tuple[weakref.ref[asyncio.AbstractEventLoop], RequestBudget]] = {}
+# (id(loop), conn_id) -> (weak reference to the loop, its budget): see ``_per_loop``.
+_budgets: Registry[RequestBudget] = {}
 _lock = threading.Lock()
 
 
@@ -151,28 +152,10 @@ def request_budget(conn_id: str, rate: float | None) -> RequestBudget:
     ``rate`` is the connection's current ``max_requests_per_second``; when it changed since the budget was
     created (the connection was edited), the newest value wins.
     """
-    loop = asyncio.get_running_loop()
-    key = (id(loop), conn_id)
-    entry = _budgets.get(key)
-    if entry is None or entry[0]() is not loop:
-        with _lock:
-            entry = _budgets.get(key)
-            if entry is None or entry[0]() is not loop:
-                _forget_dead_loops()
-                entry = (weakref.ref(loop), RequestBudget(rate))
-                _budgets[key] = entry
-    budget = entry[1]
+    budget = per_loop(_budgets, conn_id, lambda: RequestBudget(rate))
     if budget.rate != rate:
         budget.rate = rate
     return budget
-
-
-def _forget_dead_loops() -> None:
-    """Drop the budgets of loops that are closed or gone (called with ``_lock`` held, on creation only)."""
-    for key, (ref, _) in list(_budgets.items()):
-        loop = ref()
-        if loop is None or loop.is_closed():
-            del _budgets[key]
 
 
 # -- one aiohttp session per (loop, connection) ------------------------------------------------------------
