@@ -12,6 +12,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.polling import PredictionPoller
+from airflow_comet.triggers._shared_poller import shared_poller
 
 
 class PredictionTrigger(BaseTrigger):
@@ -71,36 +72,30 @@ class PredictionTrigger(BaseTrigger):
             end_time=self.end_time,
             poll_interval=self.poll_interval,
         )
+        # The status checks are sent by the connection's shared poller (one timer and a few workers for
+        # every trigger of the triggerer); this task wakes only for what it logs or yields.
+        watch = shared_poller(self.cometapi_conn_id).follow(poller)
         try:
-            # One HTTP session for the whole wait: polls reuse its keep-alive connection.
-            async with self._hook() as hook:
-                delay = poller.first_delay(time.time())
-                while True:
-                    await asyncio.sleep(delay)
-                    try:
-                        prediction = await hook.aget_prediction(self.prediction_id)
-                    except CometAPIError as error:
-                        outcome = poller.on_error(error, time.time())
-                    else:
-                        outcome = poller.on_prediction(prediction, time.time())
-                    if outcome.event is not None:
-                        self.log.info(
-                            "%s (%d status checks in %.0f s)",
-                            outcome.event["message"],
-                            poller.polls,
-                            time.time() - self.started_at,
-                        )
-                        yield TriggerEvent(outcome.event)
-                        return
-                    if outcome.new_status:
-                        # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
-                        # costs the triggerer more CPU than a status request, and the INFO line above says
-                        # how the wait ended.
-                        log = self.log.info if outcome.previous_status is None else self.log.debug
-                        log("Prediction %s is %s", self.prediction_id, outcome.new_status)
-                    elif outcome.problem:
-                        self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
-                    delay = outcome.delay
+            while True:
+                outcome = await watch.next_outcome()
+                if outcome.event is not None:
+                    watch.close()
+                    self.log.info(
+                        "%s (%d status checks in %.0f s)",
+                        outcome.event["message"],
+                        poller.polls,
+                        time.time() - self.started_at,
+                    )
+                    yield TriggerEvent(outcome.event)
+                    return
+                if outcome.new_status:
+                    # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
+                    # costs the triggerer more CPU than a status request, and the INFO line above says
+                    # how the wait ended.
+                    log = self.log.info if outcome.previous_status is None else self.log.debug
+                    log("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                elif outcome.problem:
+                    self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as error:  # noqa: BLE001 - the task must hear about it, not the triggerer's log only
@@ -113,6 +108,8 @@ class PredictionTrigger(BaseTrigger):
                     "message": f"Waiting for prediction {self.prediction_id} failed: {error}",
                 }
             )
+        finally:
+            watch.close()
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""

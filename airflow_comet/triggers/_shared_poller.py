@@ -1,0 +1,235 @@
+"""One status poller per connection and event loop, shared by every ``PredictionTrigger`` of a triggerer.
+
+A trigger that sleeps and polls on its own wakes the event loop for every status check, and again for its
+answer. With a thousand triggers those scattered wake-ups, not the requests, were most of the triggerer's
+CPU (``benchmarks/per_request.py``: 0.82 ms per status check above an idle trigger's floor, against 0.26 ms
+when a few coroutines send checks back to back). So triggers hand their predictions here instead:
+
+- one timer for the whole connection over a heap of due times; when it fires, every check due within
+  :data:`SLACK` seconds is queued (a check may go a few hundredths of a second early or late; the schedule
+  counts in seconds);
+- a few worker tasks send the queued checks back to back through one hook (so through the connection's
+  shared session, request budget and retries) and give each answer to that prediction's own
+  :class:`~airflow_comet.polling.PredictionPoller`, which decides exactly as in the worker's blocking wait;
+- a trigger's own task wakes only for what it logs or yields: the first status, a change, an answer that
+  made no sense, the end.
+
+The workers run in an empty ``contextvars`` context: a trigger's log context (Airflow routes a trigger's log
+lines by it) never follows another trigger's status check. Kept per event loop (:mod:`._per_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import heapq
+import itertools
+import math
+import time
+from typing import TYPE_CHECKING
+
+from airflow_comet.exceptions import CometAPIError
+from airflow_comet.hooks._per_loop import Registry, per_loop
+from airflow_comet.hooks.cometapi import CometAPIHook
+
+if TYPE_CHECKING:
+    from airflow_comet.polling import PollOutcome, PredictionPoller
+
+__all__ = ["SharedPoller", "Watch", "shared_poller"]
+
+#: Checks due within this many seconds of a timer share its wake-up, and the timer never fires more often.
+SLACK = 0.025
+#: One worker per this many queued checks: each sends them back to back (cheaper than one task per check).
+CHECKS_PER_WORKER = 4
+#: Status checks in flight at once per connection and triggerer (CometAPI advises capping concurrency). A
+#: status answer normally takes milliseconds, so a few workers serve thousands of predictions; the cap
+#: only binds when answers take seconds, and then it keeps a slow API from being piled on.
+MAX_WORKERS = 64
+
+
+class Watch:
+    """One prediction followed by the shared poller; its trigger awaits :meth:`next_outcome`."""
+
+    __slots__ = ("_notes", "_owner", "_waiter", "closed", "poller")
+
+    def __init__(self, owner: SharedPoller, poller: PredictionPoller) -> None:
+        self._owner = owner
+        self.poller = poller
+        self.closed = False
+        self._notes: collections.deque[PollOutcome | Exception] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def next_outcome(self) -> PollOutcome:
+        """The next outcome worth telling (a new status, a problem, or the event that ends the wait).
+
+        Raises what a status check raised that was not an API error (the wait cannot go on).
+        """
+        while not self._notes:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        note = self._notes.popleft()
+        if isinstance(note, Exception):
+            raise note
+        return note
+
+    def close(self) -> None:
+        """Stop following this prediction (idempotent); a check already on the wire is answered and dropped."""
+        if not self.closed:
+            self.closed = True
+            self._owner._closed(self)
+
+    def _tell(self, note: PollOutcome | Exception) -> None:
+        if self._notes is None:
+            self._notes = collections.deque()
+        self._notes.append(note)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class SharedPoller:
+    """Status checks of every followed prediction of one connection, in one event loop.
+
+    :param conn_id: The CometAPI connection the checks go through.
+    """
+
+    def __init__(self, conn_id: str) -> None:
+        self.conn_id = conn_id
+        self._loop = asyncio.get_running_loop()
+        self._due: list[tuple[float, int, Watch]] = []  # heap of (loop time, tie-breaker, watch)
+        self._ready: collections.deque[Watch] = collections.deque()
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._open = 0
+        self._workers = 0
+        self._checking = 0  # workers waiting on an answer
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
+        self._hook: CometAPIHook | None = None
+
+    @property
+    def following(self) -> int:
+        """Predictions followed right now."""
+        return self._open
+
+    @property
+    def in_flight(self) -> int:
+        """Worker tasks running right now (each has at most one status check on the wire)."""
+        return self._workers
+
+    def follow(self, poller: PredictionPoller) -> Watch:
+        """Start following ``poller``'s prediction: its first check comes at ``poller.first_delay``."""
+        watch = Watch(self, poller)
+        self._open += 1
+        if self._hook is None:
+            self._hook = CometAPIHook(cometapi_conn_id=self.conn_id)
+        self._schedule(watch, poller.first_delay(time.time()))
+        return watch
+
+    # -- schedule ----------------------------------------------------------------------------------------
+
+    def _schedule(self, watch: Watch, delay: float) -> None:
+        if delay <= 0:
+            self._ready.append(watch)
+            self._start_workers()
+            return
+        when = self._loop.time() + delay
+        heapq.heappush(self._due, (when, next(self._order), watch))
+        if when < self._timer_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        # Never sooner than SLACK after now: a busy stretch costs one wake-up per SLACK, not one per check.
+        self._timer_at = max(when, self._loop.time() + SLACK)
+        self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        horizon = self._loop.time() + SLACK
+        due = self._due
+        while due and due[0][0] <= horizon:
+            watch = heapq.heappop(due)[2]
+            if not watch.closed:
+                self._ready.append(watch)
+        self._start_workers()
+        if due:
+            self._arm(due[0][0])
+
+    # -- workers -----------------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        # Workers already waiting on an answer are not counted as serving the queue: one slow answer (a
+        # status query can take tens of seconds) must not hold back the checks of other predictions.
+        wanted = min(MAX_WORKERS, self._checking + -(-len(self._ready) // CHECKS_PER_WORKER))
+        while self._workers < wanted:
+            self._workers += 1
+            self._spawn(self._work())
+
+    def _spawn(self, coro: object) -> None:
+        # A task copies the context it is created in: an empty one, not the trigger's that happened to call.
+        task = contextvars.Context().run(self._loop.create_task, coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _work(self) -> None:
+        try:
+            while self._ready:
+                watch = self._ready.popleft()
+                if not watch.closed and self._hook is not None:
+                    await self._check(self._hook, watch)
+        finally:
+            self._workers -= 1
+            self._release_hook_if_idle()
+
+    async def _check(self, hook: CometAPIHook, watch: Watch) -> None:
+        poller = watch.poller
+        self._checking += 1
+        try:
+            prediction = await hook.aget_prediction(poller.prediction_id)
+        except CometAPIError as error:
+            outcome = poller.on_error(error, time.time())
+        except Exception as error:  # noqa: BLE001 - the trigger reports it as its event, not this worker
+            watch._tell(error)
+            return
+        else:
+            outcome = poller.on_prediction(prediction, time.time())
+        finally:
+            self._checking -= 1
+        if watch.closed:
+            return
+        if outcome.event is None:
+            self._schedule(watch, outcome.delay)
+        if outcome.event is not None or outcome.new_status or outcome.problem:
+            watch._tell(outcome)
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+
+    def _closed(self, watch: Watch) -> None:
+        # Its heap entry stays until due and is skipped then: removing it now would cost a heap rebuild.
+        self._open -= 1
+        self._release_hook_if_idle()
+
+    def _release_hook_if_idle(self) -> None:
+        """With nothing followed and no check on the wire, give the hook's share of the session back."""
+        if self._open or self._workers or self._hook is None:
+            return
+        hook, self._hook = self._hook, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        self._due.clear()
+        self._ready.clear()
+        self._spawn(hook.aclose())
+
+
+_pollers: Registry[SharedPoller] = {}
+
+
+def shared_poller(conn_id: str) -> SharedPoller:
+    """The poller every trigger of ``conn_id`` shares in the running event loop."""
+    return per_loop(_pollers, conn_id, lambda: SharedPoller(conn_id))

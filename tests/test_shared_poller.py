@@ -1,0 +1,191 @@
+"""The shared poller: every PredictionTrigger of a connection in one event loop, checked by one timer and a
+few workers (triggers/_shared_poller.py), against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+
+import pytest
+
+from airflow_comet.hooks import _ratelimit
+from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.polling import PredictionPoller
+from airflow_comet.testing import Faults
+from airflow_comet.triggers import _shared_poller
+from airflow_comet.triggers._shared_poller import shared_poller
+from airflow_comet.triggers.prediction import PredictionTrigger
+from tests.conftest import set_connection
+
+MODEL = "black-forest-labs/flux-schnell"
+
+
+def create(count: int = 1) -> list[str]:
+    hook = CometAPIHook()
+    return [hook.create_prediction(MODEL, {"prompt": f"boat {i}"})["id"] for i in range(count)]
+
+
+async def first_event(trigger: PredictionTrigger) -> dict:
+    async for event in trigger.run():
+        return event.payload
+    raise AssertionError("run() ended without an event")
+
+
+async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
+    sim.set_faults(Faults(durations=(5.5, 6.0)))
+    ids = create(40)
+    poller = None
+    told: list[int] = []
+    original = _shared_poller.Watch.next_outcome
+
+    async def counting(self):
+        told.append(1)
+        return await original(self)
+
+    _shared_poller.Watch.next_outcome = counting  # counted, not replaced: real checks, real answers
+    try:
+        tasks = [asyncio.ensure_future(first_event(PredictionTrigger(pid))) for pid in ids]
+        await asyncio.sleep(0)
+        poller = shared_poller("cometapi_default")
+        assert poller.following == 40
+        events = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        _shared_poller.Watch.next_outcome = original
+    assert [e["status"] for e in events] == ["succeeded"] * 40
+    assert [e["prediction_id"] for e in events] == ids
+    polls = sum(len(sim.polls(pid)) for pid in ids)
+    # Each trigger's task woke for its first status, maybe one change, and its end: not for every check.
+    assert polls >= 4 * 40
+    assert len(told) <= 3 * 40
+    # Everything let go: nothing followed, no worker left, the session closed with its last user.
+    await asyncio.sleep(0.1)
+    assert poller.following == 0 and poller.in_flight == 0
+    assert all(entry.session.closed for entry in _ratelimit._sessions.values())
+    # One connection per worker at most (40 checks due together: 10 workers), not one per trigger.
+    assert sim.connections_opened("api") <= 1 + 40 // _shared_poller.CHECKS_PER_WORKER
+
+
+async def test_a_cancelled_trigger_is_no_longer_checked_and_others_go_on(sim):
+    sim.set_faults(Faults(durations=(2.5, 2.5)))
+    stopped, kept = create(2)
+    stopped_task = asyncio.ensure_future(first_event(PredictionTrigger(stopped)))
+    kept_task = asyncio.ensure_future(first_event(PredictionTrigger(kept)))
+    while not sim.polls(stopped):
+        await asyncio.sleep(0.05)
+    stopped_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopped_task
+    checks = len(sim.polls(stopped))
+    event = await asyncio.wait_for(kept_task, 20)
+    assert event["status"] == "succeeded"
+    assert len(sim.polls(stopped)) == checks  # not one check after the cancel
+    assert shared_poller("cometapi_default").following == 0
+
+
+async def test_an_unexpected_error_reaches_its_own_trigger_only(sim, monkeypatch):
+    broken, healthy = create(2)
+    original = CometAPIHook.aget_prediction
+
+    async def failing_for_one(self, prediction_id):
+        if prediction_id == broken:
+            raise RuntimeError("parser exploded")
+        return await original(self, prediction_id)
+
+    monkeypatch.setattr(CometAPIHook, "aget_prediction", failing_for_one)
+    bad, good = await asyncio.wait_for(
+        asyncio.gather(first_event(PredictionTrigger(broken)), first_event(PredictionTrigger(healthy))), 20
+    )
+    assert bad["status"] == "error" and "parser exploded" in bad["message"]
+    assert good["status"] == "succeeded"
+
+
+async def test_checks_do_not_run_in_a_triggers_context(sim, monkeypatch):
+    # Airflow routes a trigger's log lines by context variables: a check must not carry the context of
+    # whichever trigger happened to start the workers.
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
+    seen: list[str] = []
+    original = CometAPIHook.aget_prediction
+
+    async def recording(self, prediction_id):
+        seen.append(marker.get())
+        return await original(self, prediction_id)
+
+    monkeypatch.setattr(CometAPIHook, "aget_prediction", recording)
+    [pid] = create()
+
+    async def as_trigger() -> dict:
+        marker.set("trigger A")
+        return await first_event(PredictionTrigger(pid))
+
+    event = await asyncio.wait_for(asyncio.ensure_future(as_trigger()), 20)
+    assert event["status"] == "succeeded"
+    assert seen and set(seen) == {"none"}
+
+
+async def test_workers_are_capped(sim, monkeypatch):
+    monkeypatch.setattr(_shared_poller, "MAX_WORKERS", 2)
+    monkeypatch.setattr(_shared_poller, "CHECKS_PER_WORKER", 1)
+    sim.set_faults(Faults(durations=(1.0, 2.0), slow_status_seconds=0.1))
+    ids = create(12)
+    tasks = [asyncio.ensure_future(first_event(PredictionTrigger(pid))) for pid in ids]
+    await asyncio.sleep(0)
+    poller = shared_poller("cometapi_default")
+    most = 0
+    while not all(t.done() for t in tasks):
+        most = max(most, poller.in_flight)
+        await asyncio.sleep(0.01)
+    assert [t.result()["status"] for t in tasks] == ["succeeded"] * 12
+    assert most == 2
+
+
+async def test_checks_due_close_together_share_one_timer_wake_up(sim):
+    sim.set_faults(Faults(never_finish=True))
+    ids = create(10)
+    poller = shared_poller("cometapi_default")
+    fired: list[float] = []
+    original = poller._on_timer
+
+    def counting() -> None:
+        fired.append(time.monotonic())
+        original()
+
+    poller._on_timer = counting  # counted, not replaced
+    now = time.time()
+    # Due 2 ms apart: ten timers for ten sleeping triggers, one for the shared poller.
+    watches = [
+        poller.follow(PredictionPoller(pid, started_at=now + i * 0.002, poll_interval=5)) for i, pid in enumerate(ids)
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.next_outcome() for w in watches)), 10)
+        assert len(fired) == 1
+        assert all(len(sim.polls(pid)) == 1 for pid in ids)
+    finally:
+        for watch in watches:
+            watch.close()
+
+
+def test_a_new_event_loop_gets_a_new_poller(sim):
+    [pid] = create()
+
+    async def one() -> tuple[object, str]:
+        event = await first_event(PredictionTrigger(pid))
+        return shared_poller("cometapi_default"), event["status"]
+
+    first, status_1 = asyncio.run(one())
+    second, status_2 = asyncio.run(one())
+    assert first is not second
+    assert status_1 == status_2 == "succeeded"
+
+
+async def test_each_connection_has_its_own_poller(sim, monkeypatch):
+    set_connection(monkeypatch, sim.base_url, conn_id="cometapi_other")
+    [pid] = create()
+    a, b = await asyncio.wait_for(
+        asyncio.gather(
+            first_event(PredictionTrigger(pid)), first_event(PredictionTrigger(pid, cometapi_conn_id="cometapi_other"))
+        ),
+        20,
+    )
+    assert a["status"] == b["status"] == "succeeded"
+    assert shared_poller("cometapi_default") is not shared_poller("cometapi_other")
