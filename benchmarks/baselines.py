@@ -102,22 +102,20 @@ class FixedIntervalTrigger(BaseTrigger):
 
 
 class IdleTrigger(BaseTrigger):
-    """The benchmark's floor: ``PredictionTrigger`` without its I/O. It wakes on ``PredictionTrigger``'s own
-    poll schedule (``next_poll_delay``) and fires once ``lifetime`` seconds have passed since ``started_at``
-    (the benchmark draws each lifetime from the same spread as the simulator's durations).
+    """The benchmark's floor: a trigger without any I/O that sleeps once, until ``lifetime`` seconds after
+    ``started_at`` (the benchmark draws each lifetime from the same spread as the simulator's durations), and
+    fires.
 
-    What it costs is what a trigger pays anyway to be rebuilt, scheduled, woken and finished by the
-    triggerer, plus the harness's own ticking over the same run time; what ``PredictionTrigger`` costs above
-    it is the cost of its status checks. (The baselines wake less or more often, so for them the floor is
-    an approximation.)
+    What it costs is what any trigger pays anyway to be rebuilt, scheduled, woken once and finished by the
+    triggerer, plus the harness's own ticking over the same run time: what a side costs above it is the cost
+    of its waiting (its status checks, and its wake-ups for them).
     """
 
-    def __init__(self, prediction_id: str, started_at: float, lifetime: float, poll_interval: float = 20.0) -> None:
+    def __init__(self, prediction_id: str, started_at: float, lifetime: float) -> None:
         super().__init__()
         self.prediction_id = prediction_id
         self.started_at = float(started_at)
         self.lifetime = float(lifetime)
-        self.poll_interval = float(poll_interval)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -126,14 +124,9 @@ class IdleTrigger(BaseTrigger):
                 "prediction_id": self.prediction_id,
                 "started_at": self.started_at,
                 "lifetime": self.lifetime,
-                "poll_interval": self.poll_interval,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from airflow_comet.polling import FIRST_POLL_DELAY, next_poll_delay
-
-        await asyncio.sleep(max(0.0, self.started_at + FIRST_POLL_DELAY - time.time()))
-        while (age := time.time() - self.started_at) < self.lifetime:
-            await asyncio.sleep(next_poll_delay(age, self.poll_interval))
+        await asyncio.sleep(max(0.0, self.started_at + self.lifetime - time.time()))
         yield TriggerEvent({"status": "idle", "prediction_id": self.prediction_id})

@@ -9,9 +9,9 @@ simulator draws the same durations):
 - ``HttpSensorTrigger`` at its default 5 s, as ``HttpSensor(deferrable=True)`` would run it
   (``benchmarks/baselines.py`` says exactly what was adapted and why);
 - a naive fixed 2 s loop (one keep-alive aiohttp session per trigger);
-- the floor: an idle trigger that sends nothing but wakes on ``PredictionTrigger``'s schedule for as long
-  as a prediction of its model runs (what a trigger and the harness cost the triggerer without any
-  request; the "CPU above floor" column compares what the sides spend on top).
+- the floor: an idle trigger that sends nothing and sleeps once, for as long as a prediction of its model
+  runs (what a trigger and the harness cost the triggerer without any request or extra wake-up; the "CPU
+  above floor" column compares what the sides spend on top).
 
 Plus a budget run: N = 1,000 ``PredictionTrigger`` with the connection extra ``max_requests_per_second``
 = 50. ``--compare-pool`` adds ``PredictionTrigger`` with one connection pool per trigger (the hook before
@@ -570,8 +570,8 @@ def main() -> None:
           "HttpSensorTrigger at poke_interval 5 s through HttpAsyncHook, a new aiohttp session per poll, adapted only "
           "to treat a running status as its 404 'not yet' (benchmarks/baselines.py; HttpSensor's first poke in the "
           "worker before deferring is not counted); the naive loop polls every 2 s over one keep-alive aiohttp "
-          "session per trigger; the floor is an idle trigger waking on PredictionTrigger's schedule without any "
-          "request. Requests are status checks only (creates come from the workers).")
+          "session per trigger; the floor is an idle trigger that sleeps once, as long as its prediction runs, "
+          "without any request. Requests are status checks only (creates come from the workers).")
     print(f"Predictions: 70% 2-10 s, 25% 10-60 s, 5% 60-120 s; created evenly over "
           f"{'max(5 s, N / 500 s)' if args.ramp is None else f'{args.ramp:g} s'}; seed {args.seed}; "
           f"greenback portal per trigger: {'no' if args.no_greenback else 'yes (as Airflow 3)'}; "
