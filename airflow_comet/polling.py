@@ -36,6 +36,9 @@ KNEE = 10.0
 POLL_GROWTH = 0.45
 #: Jitter (a fraction of the delay) so that a mapped batch started together does not poll in lockstep.
 POLL_JITTER = 0.1
+#: A check this close to the deadline is the last one: a check sent a shade early (the shared poller
+#: batches checks due within a few hundredths of a second) must not cost one more request just before it.
+DEADLINE_SLACK = 0.05
 #: "Persistent" for auth lost / prediction gone: this many answers in a row, not one blip.
 MAX_FATAL_ERRORS = 3
 #: Answers that make no sense (HTML, missing fields, unknown status) tolerated in a row before giving up.
@@ -140,11 +143,11 @@ class PredictionPoller:
                         f"checks in a row failed with: {error}",
                     )
                 )
-            return self._keep_polling(now, after_error=self._fatal_errors)
+            return self._after_failed_check(error, now, self._fatal_errors)
         if isinstance(error, CometAPITransportError) or (isinstance(error, CometAPIError) and error.retryable):
             # A busy or unreachable API never fails a task before its deadline: the prediction may be fine.
             self._transient_errors += 1
-            return self._keep_polling(now, after_error=self._transient_errors)
+            return self._after_failed_check(error, now, self._transient_errors)
         return self._bad_answer(str(error), now)
 
     def timeout_event(self, now: float) -> dict[str, Any]:
@@ -174,8 +177,19 @@ class PredictionPoller:
             )
         return replace(self._keep_polling(now, after_error=self._bad_answers), problem=reason)
 
+    def _after_failed_check(self, error: CometAPIError, now: float, in_a_row: int) -> PollOutcome:
+        outcome = self._keep_polling(now, after_error=in_a_row)
+        if outcome.event is not None:
+            return outcome
+        # Not sooner than the server asked (a 429's Retry-After also pauses the whole connection in the
+        # triggerer), but never longer than poll_interval, the longest gap this wait promises.
+        retry_after = min(getattr(error, "retry_after", None) or 0.0, self.poll_interval)
+        return replace(
+            outcome, delay=self._clip(max(outcome.delay, retry_after), now), problem=f"the status check failed ({error})"
+        )
+
     def _keep_polling(self, now: float, after_error: int = 0) -> PollOutcome:
-        if self.end_time is not None and now >= self.end_time:
+        if self.end_time is not None and now >= self.end_time - DEADLINE_SLACK:
             return PollOutcome(event=self.timeout_event(now))
         delay = next_poll_delay(now - self.started_at, self.poll_interval, self.rng)
         if after_error:

@@ -321,22 +321,6 @@ def test_closing_one_hook_leaves_the_pool_open_for_the_others(simulator):
     assert [r.status for r in simulator.polls(pid)] == [200, 200, 200]
 
 
-def test_concurrent_first_requests_of_one_hook_take_one_share(simulator):
-    # The shared poller sends several checks at once through one hook: its pool must still close with it.
-    pid = _create_prediction(simulator)
-
-    async def run() -> None:
-        hook = CometAPIHook()
-        await asyncio.gather(*(hook.aget_prediction(pid) for _ in range(5)))
-        session = hook._async_session
-        [entry] = _ratelimit._sessions.values()
-        assert entry.users == 1
-        await hook.aclose()
-        assert session.closed and not _ratelimit._sessions
-
-    asyncio.run(run())
-
-
 def test_a_cancelled_trigger_gives_its_share_back(simulator):
     pid = _create_prediction(simulator)
 

@@ -8,9 +8,12 @@ when a few coroutines send checks back to back). So triggers hand their predicti
 - one timer for the whole connection over a heap of due times; when it fires, every check due within
   :data:`SLACK` seconds is queued (a check may go a few hundredths of a second early or late; the schedule
   counts in seconds);
-- a few worker tasks send the queued checks back to back through one hook (so through the connection's
-  shared session, request budget and retries) and give each answer to that prediction's own
-  :class:`~airflow_comet.polling.PredictionPoller`, which decides exactly as in the worker's blocking wait;
+- a few short-lived worker tasks send the queued checks back to back, each through a hook of its own (so
+  through the connection's shared session and request budget, with settings at most ``SETTINGS_TTL`` old),
+  and give each answer to that prediction's own :class:`~airflow_comet.polling.PredictionPoller`, which
+  decides exactly as in the worker's blocking wait. A check is sent once: a failed one is retried by the
+  prediction's own schedule (the poller backs off after errors), so a worker is never held by another
+  prediction's retries, and a ``429``'s ``Retry-After`` still pauses the whole connection (the budget);
 - a trigger's own task wakes only for what it logs or yields: the first status, a change, an answer that
   made no sense, the end.
 
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks._per_loop import Registry, per_loop
+from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks.cometapi import CometAPIHook
 
 if TYPE_CHECKING:
@@ -46,6 +50,11 @@ CHECKS_PER_WORKER = 4
 #: status answer normally takes milliseconds, so a few workers serve thousands of predictions; the cap
 #: only binds when answers take seconds, and then it keeps a slow API from being piled on.
 MAX_WORKERS = 64
+#: Queued checks still waiting this long after a check began get workers of their own: one slow answer
+#: (a status query can take tens of seconds) must not hold back the checks queued behind it.
+BACKLOG_GRACE = 0.5
+#: Checks are sent once; the prediction's schedule is the retry (see the module docstring).
+SINGLE_ATTEMPT = RetryPolicy(max_retries=0)
 
 
 class Watch:
@@ -104,11 +113,14 @@ class SharedPoller:
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._backlog_timer: asyncio.TimerHandle | None = None
         self._open = 0
         self._workers = 0
         self._checking = 0  # workers waiting on an answer
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
-        self._hook: CometAPIHook | None = None
+        # The most recent worker's hook, kept open while anything is followed: it holds a share of the
+        # connection's pool between batches, so keep-alive connections survive the gaps.
+        self._keeper: CometAPIHook | None = None
 
     @property
     def following(self) -> int:
@@ -124,8 +136,6 @@ class SharedPoller:
         """Start following ``poller``'s prediction: its first check comes at ``poller.first_delay``."""
         watch = Watch(self, poller)
         self._open += 1
-        if self._hook is None:
-            self._hook = CometAPIHook(cometapi_conn_id=self.conn_id)
         self._schedule(watch, poller.first_delay(time.time()))
         return watch
 
@@ -163,12 +173,21 @@ class SharedPoller:
     # -- workers -----------------------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        # Workers already waiting on an answer are not counted as serving the queue: one slow answer (a
-        # status query can take tens of seconds) must not hold back the checks of other predictions.
+        # Workers already waiting on an answer are not counted as serving the queue (see BACKLOG_GRACE).
         wanted = min(MAX_WORKERS, self._checking + -(-len(self._ready) // CHECKS_PER_WORKER))
         while self._workers < wanted:
             self._workers += 1
             self._spawn(self._work())
+
+    def _watch_backlog(self) -> None:
+        """Checks are queued behind the one just begun: look again in BACKLOG_GRACE seconds."""
+        if self._ready and self._backlog_timer is None:
+            self._backlog_timer = self._loop.call_later(BACKLOG_GRACE, self._on_backlog_timer)
+
+    def _on_backlog_timer(self) -> None:
+        self._backlog_timer = None
+        self._start_workers()
+        self._watch_backlog()
 
     def _spawn(self, coro: object) -> None:
         # A task copies the context it is created in: an empty one, not the trigger's that happened to call.
@@ -177,27 +196,39 @@ class SharedPoller:
         task.add_done_callback(self._tasks.discard)
 
     async def _work(self) -> None:
+        # A hook per worker: its settings are looked up (from the per-loop cache) when the worker starts,
+        # so an edited connection reaches the checks within SETTINGS_TTL, and a 401 that makes it drop its
+        # settings and session touches no other worker's checks.
+        hook = CometAPIHook(cometapi_conn_id=self.conn_id, retry_policy=SINGLE_ATTEMPT)
         try:
             while self._ready:
                 watch = self._ready.popleft()
-                if not watch.closed and self._hook is not None:
-                    await self._check(self._hook, watch)
+                if not watch.closed:
+                    await self._check(hook, watch)
         finally:
             self._workers -= 1
-            self._release_hook_if_idle()
+            if self._open:
+                hook, self._keeper = self._keeper, hook
+            if self._ready:  # queued while this worker was finishing
+                self._start_workers()
+            self._release_keeper_if_idle()
+            if hook is not None:
+                await hook.aclose()
 
     async def _check(self, hook: CometAPIHook, watch: Watch) -> None:
         poller = watch.poller
         self._checking += 1
+        self._watch_backlog()
         try:
-            prediction = await hook.aget_prediction(poller.prediction_id)
-        except CometAPIError as error:
-            outcome = poller.on_error(error, time.time())
-        except Exception as error:  # noqa: BLE001 - the trigger reports it as its event, not this worker
+            try:
+                prediction = await hook.aget_prediction(poller.prediction_id)
+            except CometAPIError as error:
+                outcome = poller.on_error(error, time.time())
+            else:
+                outcome = poller.on_prediction(prediction, time.time())
+        except Exception as error:  # noqa: BLE001 - its trigger reports it as its event; other checks go on
             watch._tell(error)
             return
-        else:
-            outcome = poller.on_prediction(prediction, time.time())
         finally:
             self._checking -= 1
         if watch.closed:
@@ -212,19 +243,23 @@ class SharedPoller:
     def _closed(self, watch: Watch) -> None:
         # Its heap entry stays until due and is skipped then: removing it now would cost a heap rebuild.
         self._open -= 1
-        self._release_hook_if_idle()
+        self._release_keeper_if_idle()
 
-    def _release_hook_if_idle(self) -> None:
-        """With nothing followed and no check on the wire, give the hook's share of the session back."""
-        if self._open or self._workers or self._hook is None:
+    def _release_keeper_if_idle(self) -> None:
+        """With nothing followed and no worker left, give the pool back and stop the timer."""
+        if self._open or self._workers:
             return
-        hook, self._hook = self._hook, None
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, math.inf
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
+            self._backlog_timer = None
         self._due.clear()
         self._ready.clear()
-        self._spawn(hook.aclose())
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            self._spawn(keeper.aclose())
 
 
 _pollers: Registry[SharedPoller] = {}

@@ -12,7 +12,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.polling import PredictionPoller
-from airflow_comet.triggers._shared_poller import shared_poller
+from airflow_comet.triggers._shared_poller import Watch, shared_poller
 
 
 class PredictionTrigger(BaseTrigger):
@@ -72,10 +72,14 @@ class PredictionTrigger(BaseTrigger):
             end_time=self.end_time,
             poll_interval=self.poll_interval,
         )
-        # The status checks are sent by the connection's shared poller (one timer and a few workers for
-        # every trigger of the triggerer); this task wakes only for what it logs or yields.
-        watch = shared_poller(self.cometapi_conn_id).follow(poller)
+        watch: Watch | None = None
         try:
+            # Looked up now rather than at the first check, which may be poll_interval away: a missing or
+            # broken connection ends the wait at once (the lookup is shared with the loop's other hooks).
+            await self._hook().aget_settings()
+            # The status checks are sent by the connection's shared poller (one timer and a few workers for
+            # every trigger of the triggerer); this task wakes only for what it logs or yields.
+            watch = shared_poller(self.cometapi_conn_id).follow(poller)
             while True:
                 outcome = await watch.next_outcome()
                 if outcome.event is not None:
@@ -109,7 +113,8 @@ class PredictionTrigger(BaseTrigger):
                 }
             )
         finally:
-            watch.close()
+            if watch is not None:
+                watch.close()
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""
