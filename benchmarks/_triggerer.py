@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=600.0)
     parser.add_argument("--no-greenback", action="store_true")
     parser.add_argument("--uvloop", action="store_true")
-    parser.add_argument("--own-sessions", action="store_true", help="PredictionTrigger: one pool per trigger")
+    parser.add_argument("--own-loop", action="store_true", help="PredictionTrigger polls on its own (before the shared poller)")
     parser.add_argument("--variant", action="append", default=[], help="benchmarks._variants function to apply")
     parser.add_argument("--preload", nargs="*", default=[])
     parser.add_argument("--ready-file", help="touched once the process is ready for triggers")
@@ -261,10 +261,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     for name in ("airflow", "airflow_comet", "airflow.task", "airflow.triggers"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if args.own_sessions:
+    if args.own_loop:
         from benchmarks import _variants
 
-        _variants.use_own_sessions()
+        _variants.own_loop()
     for name in args.variant:
         from benchmarks import _variants
 

@@ -1,24 +1,41 @@
-"""Variants of the hook for comparisons in the benchmark (patched into the triggerer process only)."""
+"""Variants of PredictionTrigger for comparisons in the benchmark (patched into the triggerer process only)."""
 
 from __future__ import annotations
 
-import aiohttp
 
-from airflow_comet.hooks.cometapi import CometAPIHook, new_async_session
+def own_loop() -> None:
+    """``PredictionTrigger.run`` before the shared poller: each trigger sleeps and polls on its own, through
+    its own hook (still on the connection's shared pool and budget), and wakes for every status check."""
+    import asyncio
+    import time
 
+    from airflow.triggers.base import TriggerEvent
 
-def use_own_sessions() -> None:
-    """The hook before the shared pool: the hook's own session, but one per hook, so per trigger.
+    from airflow_comet.exceptions import CometAPIError
+    from airflow_comet.polling import PredictionPoller
+    from airflow_comet.triggers.prediction import PredictionTrigger
 
-    ``aclose`` still works: ``release_session`` closes a session it does not know at once.
-    """
+    async def run(self: PredictionTrigger):  # type: ignore[no-untyped-def]
+        poller = PredictionPoller(self.prediction_id, self.started_at, self.end_time, self.poll_interval)
+        async with self._hook() as hook:
+            delay = poller.first_delay(time.time())
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    prediction = await hook.aget_prediction(self.prediction_id)
+                except CometAPIError as error:
+                    outcome = poller.on_error(error, time.time())
+                else:
+                    outcome = poller.on_prediction(prediction, time.time())
+                if outcome.event is not None:
+                    self.log.info("%s (%d status checks)", outcome.event["message"], poller.polls)
+                    yield TriggerEvent(outcome.event)
+                    return
+                if outcome.new_status and outcome.previous_status is None:
+                    self.log.info("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                delay = outcome.delay
 
-    async def _aget_session(self: CometAPIHook) -> aiohttp.ClientSession:
-        if self._async_session is None or self._async_session.closed:
-            self._async_session = new_async_session(await self.aget_settings())
-        return self._async_session
-
-    CometAPIHook._aget_session = _aget_session  # type: ignore[method-assign]
+    PredictionTrigger.run = run  # type: ignore[method-assign]
 
 
 def jitter_first_poll(spread: float = 0.5) -> None:
@@ -35,23 +52,3 @@ def jitter_first_poll(spread: float = 0.5) -> None:
         return delay if delay > 0 else random.uniform(0.0, spread)
 
     PredictionPoller.first_delay = first_delay  # type: ignore[method-assign]
-
-
-def grid_wakeups(grid: float = 0.1) -> None:
-    """A suggestion measured, not shipped: every poll wakes on a ``grid``-second boundary of the clock, so
-    the triggers due within the same tenth of a second share one event-loop wake-up (and their requests
-    leave together) instead of each waking the loop on its own."""
-    import asyncio
-    import math
-    import time
-    import types
-
-    from airflow_comet.triggers import prediction
-
-    real_sleep = asyncio.sleep
-
-    async def sleep(delay: float, result=None):
-        now = time.time()
-        return await real_sleep(math.ceil((now + delay) / grid) * grid - now, result)
-
-    prediction.asyncio = types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep})  # type: ignore[attr-defined]

@@ -14,8 +14,8 @@ simulator draws the same durations):
   above floor" column compares what the sides spend on top).
 
 Plus a budget run: N = 1,000 ``PredictionTrigger`` with the connection extra ``max_requests_per_second``
-= 50. ``--compare-pool`` adds ``PredictionTrigger`` with one connection pool per trigger (the hook before
-the shared pool) at the largest N.
+= 50. ``--compare-own-loop`` adds, at the largest N, ``PredictionTrigger`` as it was before the shared
+poller: each trigger sleeping and polling on its own (``benchmarks/_variants.py``).
 
 Every run gets its own simulator process and its own triggerer process (``benchmarks/_triggerer.py``); this
 process only creates the predictions (spread evenly over ``--ramp`` seconds, 70% running 2-10 s, 25% 10-60 s,
@@ -74,7 +74,7 @@ class Case:
     side: str
     n: int
     budget: float | None = None
-    own_sessions: bool = False
+    own_loop: bool = False
     alone: bool = True
 
     @property
@@ -82,8 +82,8 @@ class Case:
         text = SIDES[self.side]
         if self.budget:
             text += f", budget {self.budget:g}/s"
-        if self.own_sessions:
-            text += ", own pool per trigger"
+        if self.own_loop:
+            text += " polling on its own (before the shared poller)"
         return text
 
 
@@ -209,8 +209,8 @@ async def _run_case(case: Case, args: argparse.Namespace, started: list[Any]) ->
     first_line = _trigger_line(case, {"id": "x", "created_at": None})
     command = [sys.executable, "-m", "benchmarks._triggerer", "--out", str(out), "--deadline", str(deadline)]
     command += ["--preload", first_line["classpath"]]
-    if case.own_sessions:
-        command.append("--own-sessions")
+    if case.own_loop:
+        command.append("--own-loop")
     if args.no_greenback:
         command.append("--no-greenback")
     if args.uvloop:
@@ -350,7 +350,7 @@ def figures(o: Outcome) -> dict[str, Any]:
         "side": o.case.side,
         "n": n,
         "budget": o.case.budget,
-        "own_sessions": o.case.own_sessions,
+        "own_loop": o.case.own_loop,
         "ran_with": o.ran_with,
         "events": len(events),
         "errors": len(o.result["errors"]),
@@ -414,7 +414,7 @@ def _above_floor(row: dict[str, Any], base: dict[str, Any] | None, floor: float 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    base = {r["n"]: r for r in rows if r["side"] == BASELINE and not r["budget"] and not r["own_sessions"]}
+    base = {r["n"]: r for r in rows if r["side"] == BASELINE and not r["budget"] and not r["own_loop"]}
     floor = {r["n"]: r["cpu_per_1k"] for r in rows if r["side"] == "idle"}
     head = (
         "| run | N | CPU s / 1k pred | peak RSS MB | KB / trigger | req / pred | req / pred > 60 s "
@@ -509,8 +509,8 @@ def plan(args: argparse.Namespace) -> list[list[Case]]:
     cases = [Case(side, n) for n in args.n for side in args.sides]
     if args.budget:
         cases.append(Case("prediction", args.budget_n, budget=args.budget))
-    if args.compare_pool:
-        cases.append(Case("prediction", max(args.n), own_sessions=True))
+    if args.compare_own_loop:
+        cases.append(Case("prediction", max(args.n), own_loop=True))
     if args.serial:
         return [[case] for case in cases]
     light = [c for c in cases if c.n < 1000 or c.budget]
@@ -538,7 +538,8 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     parser.add_argument("--budget", type=float, default=50.0, help="the budget run's max_requests_per_second (0: skip)")
     parser.add_argument("--budget-n", type=int, default=1000)
-    parser.add_argument("--compare-pool", action="store_true", help="also PredictionTrigger with a pool per trigger")
+    parser.add_argument("--compare-own-loop", action="store_true",
+                        help="also PredictionTrigger polling on its own, as before the shared poller, at the largest N")
     parser.add_argument("--ramp", type=float, default=None, help="seconds over which predictions are created "
                         "(default: 5 s, or N / 500 s when longer)")
     parser.add_argument("--seed", type=int, default=7)
@@ -547,7 +548,7 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true", help="run the triggerer's loop on uvloop")
     parser.add_argument("--tls", action="store_true",
                         help="put a TLS proxy (its own process) in front of the simulator, as the real API is https")
-    parser.add_argument("--variant", action="append", default=[], choices=["jitter_first_poll", "grid_wakeups"],
+    parser.add_argument("--variant", action="append", default=[], choices=["jitter_first_poll"],
                         help="measure a suggested change to PredictionTrigger's side (benchmarks/_variants.py)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() the triggerer's start-up heap (Airflow's triggerer does not)")
