@@ -1,7 +1,8 @@
 """Per-connection state shared by every trigger of a triggerer process: a request budget and one HTTP pool.
 
-Hundreds of mapped predictions mean hundreds of triggers polling the same account at once. Each trigger
-has its own hook, so this state cannot live in the hook: every hook of one event loop gets the same
+Hundreds of mapped predictions mean hundreds of triggers polling the same account at once. Their checks go
+through many hooks (each worker of the shared poller has its own, and so has a trigger cancelling its
+prediction), so this state cannot live in a hook: every hook of one event loop gets the same
 :class:`RequestBudget` (:func:`request_budget`) and the same aiohttp session (:func:`shared_session`) for
 the same connection.
 

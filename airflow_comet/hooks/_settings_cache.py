@@ -1,11 +1,12 @@
 """Connection settings looked up once per connection and event loop, then reused for a short while.
 
-Every trigger builds its own hook, and looking a connection up costs the triggerer about 0.7 ms of CPU and a
-hop to a worker thread (Airflow 3 asks its API server through the supervisor). A mapped batch starts
+Every trigger and every worker of the shared poller builds its own hook, and looking a connection up costs
+the triggerer about 0.7 ms of CPU and a hop to a worker thread (Airflow 3 asks its API server through the
+supervisor). A mapped batch starts
 hundreds of triggers in the same second, all for the same connection: without this, those lookups are the
 largest part of a trigger's start-up (benchmarks/RESULTS.md). Concurrent lookups of one connection share
 one request, and its answer serves new hooks for :data:`SETTINGS_TTL` seconds, so an edited connection (a
-rotated key) reaches new triggers within that time. A failed lookup is never kept.
+rotated key) reaches new triggers and status checks within that time. A failed lookup is never kept.
 
 Kept per (event loop, connection id), like the request budget and the shared session: nothing outlives the
 loop it was made in.

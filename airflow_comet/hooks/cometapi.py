@@ -411,7 +411,7 @@ class CometAPIHook(HttpHook):
 def new_async_session(settings: ConnectionSettings) -> aiohttp.ClientSession:
     """An aiohttp session that sends the connection's key to its host, with its timeouts."""
     return aiohttp.ClientSession(
-        # No cap on connections: one in flight per trigger at most, as with a session each.
+        # No cap here: the triggerer's shared poller caps its status checks in flight itself (MAX_WORKERS).
         connector=aiohttp.TCPConnector(limit=0),
         # The API sets no cookies we need, and a jar costs CPU on every request of every trigger.
         cookie_jar=aiohttp.DummyCookieJar(),
