@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections import Counter
 
 import pytest
 
@@ -254,3 +255,17 @@ async def test_each_connection_has_its_own_poller(sim, monkeypatch):
     )
     assert a["status"] == b["status"] == "succeeded"
     assert shared_poller("cometapi_default") is not shared_poller("cometapi_other")
+
+
+async def test_triggers_stay_within_the_connection_budget(sim, monkeypatch):
+    rate = 10
+    set_connection(monkeypatch, sim.base_url, max_requests_per_second=rate)
+    sim.set_faults(Faults(durations=(1.0, 2.0)))
+    ids = create(30)
+    events = await asyncio.wait_for(asyncio.gather(*(first_event(PredictionTrigger(pid)) for pid in ids)), 60)
+    assert [e["status"] for e in events] == ["succeeded"] * 30
+    polls = [r for pid in ids for r in sim.polls(pid)]
+    assert len(polls) >= 30
+    # Counted over the status checks only (the creates above came from this test, not from the triggers).
+    per_second = Counter(int(r.time) for r in polls)
+    assert max(per_second.values()) <= rate

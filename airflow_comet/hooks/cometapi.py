@@ -408,6 +408,12 @@ class CometAPIHook(HttpHook):
         return path, body, headers, hold
 
 
+async def aconnection_settings(conn_id: str) -> ConnectionSettings:
+    """The settings of ``conn_id`` as a hook in the running loop would get them; a hook is built only when
+    they have to be looked up (a trigger checks its connection at start without a hook of its own)."""
+    return await cached_settings(conn_id, lambda: CometAPIHook(conn_id)._alook_up_settings())
+
+
 def new_async_session(settings: ConnectionSettings) -> aiohttp.ClientSession:
     """An aiohttp session that sends the connection's key to its host, with its timeouts."""
     return aiohttp.ClientSession(

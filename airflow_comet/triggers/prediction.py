@@ -9,8 +9,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_comet.exceptions import CometAPIError
-from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.hooks.cometapi import CometAPIHook, aconnection_settings
 from airflow_comet.polling import PredictionPoller
 from airflow_comet.triggers._shared_poller import Watch, shared_poller
 
@@ -76,7 +75,7 @@ class PredictionTrigger(BaseTrigger):
         try:
             # Looked up now rather than at the first check, which may be poll_interval away: a missing or
             # broken connection ends the wait at once (the lookup is shared with the loop's other hooks).
-            await self._hook().aget_settings()
+            await aconnection_settings(self.cometapi_conn_id)
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
             # every trigger of the triggerer); this task wakes only for what it logs or yields.
             watch = shared_poller(self.cometapi_conn_id).follow(poller)
