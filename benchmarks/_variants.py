@@ -52,3 +52,16 @@ def jitter_first_poll(spread: float = 0.5) -> None:
         return delay if delay > 0 else random.uniform(0.0, spread)
 
     PredictionPoller.first_delay = first_delay  # type: ignore[method-assign]
+
+
+def wide_batches(checks_per_worker: int = 16, slack: float = 0.05) -> None:
+    """A suggestion measured: more checks per worker and a coarser timer (fewer, larger batches)."""
+    from airflow_comet.triggers import _shared_poller
+
+    _shared_poller.CHECKS_PER_WORKER = checks_per_worker
+    _shared_poller.SLACK = slack
+
+
+def narrow_batches() -> None:
+    """A suggestion measured: one check per worker and a fine timer (the other direction)."""
+    wide_batches(checks_per_worker=1, slack=0.005)
