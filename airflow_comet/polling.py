@@ -39,6 +39,9 @@ POLL_JITTER = 0.1
 #: A check this close to the deadline is the last one: a check sent a shade early (the shared poller
 #: batches checks due within a few hundredths of a second) must not cost one more request just before it.
 DEADLINE_SLACK = 0.05
+#: A check due this long past the deadline is not sent: the wait times out at once (in the triggerer, checks
+#: can queue behind slow answers or a tight request budget).
+OVERDUE_GRACE = 5.0
 #: "Persistent" for auth lost / prediction gone: this many answers in a row, not one blip.
 MAX_FATAL_ERRORS = 3
 #: Answers that make no sense (HTML, missing fields, unknown status) tolerated in a row before giving up.
@@ -149,6 +152,12 @@ class PredictionPoller:
             self._transient_errors += 1
             return self._after_failed_check(error, now, self._transient_errors)
         return self._bad_answer(str(error), now)
+
+    def timeout_if_overdue(self, now: float) -> PollOutcome | None:
+        """The timeout, without another check, when this check comes ``OVERDUE_GRACE`` past the deadline."""
+        if self.end_time is not None and now >= self.end_time + OVERDUE_GRACE:
+            return PollOutcome(event=self.timeout_event(now))
+        return None
 
     def timeout_event(self, now: float) -> dict[str, Any]:
         """The event for a deadline that passed while the prediction was still running."""

@@ -17,6 +17,7 @@ from airflow_comet.exceptions import (
 from airflow_comet.polling import (
     MAX_BAD_ANSWERS,
     MAX_FATAL_ERRORS,
+    OVERDUE_GRACE,
     PredictionPoller,
     compact_prediction,
     next_poll_delay,
@@ -159,3 +160,30 @@ def test_status_changes_are_reported_once_each_and_bad_answers_are_not_changes()
         ("processing", "succeeded"),
     ]
     assert outcome.event is not None and outcome.event["status"] == "succeeded"
+
+
+def test_a_failed_check_is_a_problem_and_waits_as_the_server_asked_up_to_the_poll_interval():
+    p = poller(poll_interval=20)
+    busy = p.on_error(CometAPIResponseError("429 busy", status_code=429, retryable=True, retry_after=12), 30.0)
+    assert busy.event is None and "429 busy" in busy.problem
+    assert busy.delay >= 12
+    greedy = poller(poll_interval=20).on_error(
+        CometAPIResponseError("503", status_code=503, retryable=True, retry_after=600), 30.0
+    )
+    assert greedy.delay <= 20 * 1.1  # poll_interval (with its jitter) is the longest gap promised
+    auth = poller().on_error(CometAPIAuthError("401 revoked", status_code=401), 1.0)
+    assert auth.event is None and "401 revoked" in auth.problem
+
+
+def test_a_check_a_shade_before_the_deadline_is_the_last_one():
+    p = poller(end_time=30.0)
+    assert p.on_prediction(prediction(status="processing"), 29.97).event["status"] == "timeout"
+    assert poller(end_time=30.0).on_prediction(prediction(status="processing"), 29.5).event is None
+
+
+def test_a_check_long_overdue_past_the_deadline_is_not_sent():
+    p = poller(end_time=30.0)
+    assert p.timeout_if_overdue(30.0 + OVERDUE_GRACE - 1) is None  # a check due at the deadline still goes out
+    outcome = p.timeout_if_overdue(30.0 + OVERDUE_GRACE)
+    assert outcome is not None and outcome.event["status"] == "timeout"
+    assert poller().timeout_if_overdue(1e12) is None  # no deadline, never overdue

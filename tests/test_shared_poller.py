@@ -166,6 +166,53 @@ async def test_failed_checks_are_told_to_the_trigger_and_retried_on_its_schedule
         watch.close()
 
 
+async def test_a_failed_connection_lookup_mid_wait_does_not_end_the_wait(sim, monkeypatch):
+    from airflow_comet.hooks import _settings_cache
+
+    sim.set_faults(Faults(durations=(4.0, 4.0)))
+    [pid] = create()
+    task = asyncio.ensure_future(first_event(PredictionTrigger(pid)))
+    while not sim.polls(pid):
+        await asyncio.sleep(0.05)
+
+    async def api_server_restarting(self):
+        raise RuntimeError("connection refused by the API server")
+
+    # From now on every lookup fails (as while Airflow's API server restarts), and nothing is kept.
+    monkeypatch.setattr(CometAPIHook, "_alook_up_settings", api_server_restarting)
+    _settings_cache._entries.clear()
+    event = await asyncio.wait_for(task, 20)
+    assert event["status"] == "succeeded"
+    assert len(sim.polls(pid)) >= 2  # checked on with the last good settings
+
+
+async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request(sim, monkeypatch):
+    monkeypatch.setattr(_shared_poller, "MAX_WORKERS", 1)
+    sim.set_faults(Faults(never_finish=True))
+    slow, late = create(2)
+    original = CometAPIHook.aget_prediction
+
+    async def slow_for_one(self, prediction_id):
+        if prediction_id == slow:
+            await asyncio.sleep(_shared_poller.BACKLOG_GRACE + 7)
+        return await original(self, prediction_id)
+
+    monkeypatch.setattr(CometAPIHook, "aget_prediction", slow_for_one)
+    now = time.time()
+    poller = shared_poller("cometapi_default")
+    watches = [
+        poller.follow(PredictionPoller(slow, started_at=now - 0.01, poll_interval=5)),
+        poller.follow(PredictionPoller(late, started_at=now, end_time=now + 1.5, poll_interval=5)),
+    ]
+    try:
+        outcome = await asyncio.wait_for(watches[1].next_outcome(), 20)
+        assert outcome.event["status"] == "timeout"
+        assert sim.polls(late) == []  # its deadline had passed by 5 s and more when a worker got to it
+    finally:
+        for watch in watches:
+            watch.close()
+
+
 async def test_checks_do_not_run_in_a_triggers_context(sim, monkeypatch):
     # Airflow routes a trigger's log lines by context variables: a check must not carry the context of
     # whichever trigger happened to start the workers.

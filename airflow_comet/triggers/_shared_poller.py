@@ -28,17 +28,21 @@ import collections
 import contextvars
 import heapq
 import itertools
+import logging
 import math
 import time
 from typing import TYPE_CHECKING
 
-from airflow_comet.exceptions import CometAPIError
+from airflow_comet.exceptions import CometAPIError, CometAPITransportError
 from airflow_comet.hooks._per_loop import Registry, per_loop
 from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks.cometapi import CometAPIHook
 
 if TYPE_CHECKING:
+    from airflow_comet.hooks._protocol import ConnectionSettings
     from airflow_comet.polling import PollOutcome, PredictionPoller
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SharedPoller", "Watch", "shared_poller"]
 
@@ -121,6 +125,7 @@ class SharedPoller:
         # The most recent worker's hook, kept open while anything is followed: it holds a share of the
         # connection's pool between batches, so keep-alive connections survive the gaps.
         self._keeper: CometAPIHook | None = None
+        self._settings: ConnectionSettings | None = None  # the last good lookup
 
     @property
     def following(self) -> int:
@@ -152,11 +157,14 @@ class SharedPoller:
             self._arm(when)
 
     def _arm(self, when: float) -> None:
+        # Never sooner than SLACK after now: a busy stretch costs one wake-up per SLACK, not one per check.
+        at = max(when, self._loop.time() + SLACK)
+        if at >= self._timer_at:  # re-arming must never push the pending batch later
+            return
         if self._timer is not None:
             self._timer.cancel()
-        # Never sooner than SLACK after now: a busy stretch costs one wake-up per SLACK, not one per check.
-        self._timer_at = max(when, self._loop.time() + SLACK)
-        self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, math.inf
@@ -177,7 +185,15 @@ class SharedPoller:
         wanted = min(MAX_WORKERS, self._checking + -(-len(self._ready) // CHECKS_PER_WORKER))
         while self._workers < wanted:
             self._workers += 1
-            self._spawn(self._work())
+            self._spawn(self._work()).add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        # Counted down here, not in the coroutine's finally: a worker cancelled before its first step (the
+        # loop shutting down) never runs that.
+        self._workers -= 1
+        if self._ready and not task.cancelled():  # queued while this worker was finishing
+            self._start_workers()
+        self._release_keeper_if_idle()
 
     def _watch_backlog(self) -> None:
         """Checks are queued behind the one just begun: look again in BACKLOG_GRACE seconds."""
@@ -189,11 +205,12 @@ class SharedPoller:
         self._start_workers()
         self._watch_backlog()
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
         # A task copies the context it is created in: an empty one, not the trigger's that happened to call.
         task = contextvars.Context().run(self._loop.create_task, coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _work(self) -> None:
         # A hook per worker: its settings are looked up (from the per-loop cache) when the worker starts,
@@ -201,26 +218,45 @@ class SharedPoller:
         # settings and session touches no other worker's checks.
         hook = CometAPIHook(cometapi_conn_id=self.conn_id, retry_policy=SINGLE_ATTEMPT)
         try:
+            lookup_error = await self._look_up(hook)
             while self._ready:
                 watch = self._ready.popleft()
-                if not watch.closed:
-                    await self._check(hook, watch)
+                if watch.closed:
+                    continue
+                overdue = watch.poller.timeout_if_overdue(time.time())
+                if overdue is not None:  # queued so long behind slow answers that its deadline passed
+                    watch._tell(overdue)
+                    continue
+                await self._check(hook, watch, lookup_error)
         finally:
-            self._workers -= 1
-            if self._open:
+            # The freshest hook that holds a share of the pool becomes the keeper (one after a 401 holds none).
+            if self._open and hook._async_session is not None:
                 hook, self._keeper = self._keeper, hook
-            if self._ready:  # queued while this worker was finishing
-                self._start_workers()
-            self._release_keeper_if_idle()
             if hook is not None:
                 await hook.aclose()
 
-    async def _check(self, hook: CometAPIHook, watch: Watch) -> None:
+    async def _look_up(self, hook: CometAPIHook) -> Exception | None:
+        """Give ``hook`` the connection's settings: fresh, or the last good ones when the lookup fails (an
+        API server restarting must not end every wait whose check falls in that moment)."""
+        try:
+            self._settings = await hook.aget_settings()
+        except Exception as error:  # noqa: BLE001 - any lookup failure is worth waiting out
+            if self._settings is None:
+                return error
+            log.warning("Looking up connection %s failed (%s); checking with its last settings", self.conn_id, error)
+            hook._settings = self._settings
+        return None
+
+    async def _check(self, hook: CometAPIHook, watch: Watch, lookup_error: Exception | None) -> None:
         poller = watch.poller
         self._checking += 1
         self._watch_backlog()
         try:
             try:
+                if lookup_error is not None:
+                    raise CometAPITransportError(
+                        f"looking up connection {self.conn_id!r} failed ({lookup_error})", maybe_sent=False
+                    )
                 prediction = await hook.aget_prediction(poller.prediction_id)
             except CometAPIError as error:
                 outcome = poller.on_error(error, time.time())
