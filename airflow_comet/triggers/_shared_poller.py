@@ -1,9 +1,9 @@
 """One status poller per connection and event loop, shared by every ``PredictionTrigger`` of a triggerer.
 
-A trigger that sleeps and polls on its own wakes the event loop for every status check, and again for its
-answer. With a thousand triggers those scattered wake-ups, not the requests, were most of the triggerer's
-CPU (``benchmarks/per_request.py``: 0.82 ms per status check above an idle trigger's floor, against 0.26 ms
-when a few coroutines send checks back to back). So triggers hand their predictions here instead:
+A trigger that sleeps and polls on its own wakes the event loop, and its own task, for every status check.
+With thousands of triggers that costs CPU and leaves a timer and a hook per trigger for the garbage
+collector to walk (benchmarks/RESULTS.md: per check about 0.9 ms above an idle trigger's floor that way,
+0.71 ms here; 41 objects per waiting trigger instead of 49). So triggers hand their predictions here:
 
 - one timer for the whole connection over a heap of due times; when it fires, every check due within
   :data:`SLACK` seconds is queued (a check may go a few hundredths of a second early or late; the schedule
@@ -14,8 +14,9 @@ when a few coroutines send checks back to back). So triggers hand their predicti
   decides exactly as in the worker's blocking wait. A check is sent once: a failed one is retried by the
   prediction's own schedule (the poller backs off after errors), so a worker is never held by another
   prediction's retries, and a ``429``'s ``Retry-After`` still pauses the whole connection (the budget);
-- a trigger's own task wakes only for what it logs or yields: the first status, a change, an answer that
-  made no sense, the end.
+- a trigger's own task wakes only for what it logs or yields: the first status, a change, a failed check,
+  an answer that made no sense, the end; a check queued long past its deadline is not sent (the timeout
+  fires at once), and a connection lookup that fails mid-wait leaves the checks on the last good settings.
 
 The workers run in an empty ``contextvars`` context: a trigger's log context (Airflow routes a trigger's log
 lines by it) never follows another trigger's status check. Kept per event loop (:mod:`._per_loop`).
@@ -51,8 +52,9 @@ SLACK = 0.025
 #: One worker per this many queued checks: each sends them back to back (cheaper than one task per check).
 CHECKS_PER_WORKER = 4
 #: Status checks in flight at once per connection and triggerer (CometAPI advises capping concurrency). A
-#: status answer normally takes milliseconds, so a few workers serve thousands of predictions; the cap
-#: only binds when answers take seconds, and then it keeps a slow API from being piled on.
+#: status answer normally takes milliseconds, so a few workers serve a thousand predictions (8 connections
+#: at N = 1,000 in the benchmark); it binds while thousands of triggers start at once, and when answers
+#: take seconds, where it keeps a slow API from being piled on.
 MAX_WORKERS = 64
 #: Queued checks still waiting this long after a check began get workers of their own: one slow answer
 #: (a status query can take tens of seconds) must not hold back the checks queued behind it.
