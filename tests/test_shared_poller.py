@@ -33,6 +33,44 @@ async def first_event(trigger: PredictionTrigger) -> dict:
     raise AssertionError("run() ended without an event")
 
 
+def answer_slowly_for(monkeypatch: pytest.MonkeyPatch, prediction_id: str, seconds: float) -> None:
+    """Status checks of ``prediction_id`` take ``seconds`` longer to answer (the request itself stays real)."""
+    original = CometAPIHook.aget_prediction
+
+    async def slow_for_one(self, pid):
+        if pid == prediction_id:
+            await asyncio.sleep(seconds)
+        return await original(self, pid)
+
+    monkeypatch.setattr(CometAPIHook, "aget_prediction", slow_for_one)
+
+
+def break_request_for(monkeypatch: pytest.MonkeyPatch, prediction_id: str) -> str:
+    """Its status check raises something that is not an API error; returns the message."""
+    original = CometAPIHook.aget_prediction
+
+    async def failing_for_one(self, pid):
+        if pid == prediction_id:
+            raise RuntimeError("parser exploded")
+        return await original(self, pid)
+
+    monkeypatch.setattr(CometAPIHook, "aget_prediction", failing_for_one)
+    return "parser exploded"
+
+
+def break_decision_for(monkeypatch: pytest.MonkeyPatch, prediction_id: str) -> str:
+    """The decision on its answer raises (an error in the poller itself); returns the message."""
+    original = PredictionPoller.on_prediction
+
+    def exploding_for_one(self, prediction, now):
+        if self.prediction_id == prediction_id:
+            raise KeyError("surprise")
+        return original(self, prediction, now)
+
+    monkeypatch.setattr(PredictionPoller, "on_prediction", exploding_for_one)
+    return "surprise"
+
+
 async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
     sim.set_faults(Faults(durations=(5.5, 6.0)))
     ids = create(40)
@@ -85,51 +123,21 @@ async def test_a_cancelled_trigger_is_no_longer_checked_and_others_go_on(sim):
     assert shared_poller("cometapi_default").following == 0
 
 
-async def test_an_unexpected_error_reaches_its_own_trigger_only(sim, monkeypatch):
+@pytest.mark.parametrize("break_for", [break_request_for, break_decision_for], ids=["request", "decision"])
+async def test_an_unexpected_error_ends_only_its_own_wait_instead_of_hanging_it(sim, monkeypatch, break_for):
     broken, healthy = create(2)
-    original = CometAPIHook.aget_prediction
-
-    async def failing_for_one(self, prediction_id):
-        if prediction_id == broken:
-            raise RuntimeError("parser exploded")
-        return await original(self, prediction_id)
-
-    monkeypatch.setattr(CometAPIHook, "aget_prediction", failing_for_one)
+    message = break_for(monkeypatch, broken)
     bad, good = await asyncio.wait_for(
         asyncio.gather(first_event(PredictionTrigger(broken)), first_event(PredictionTrigger(healthy))), 20
     )
-    assert bad["status"] == "error" and "parser exploded" in bad["message"]
-    assert good["status"] == "succeeded"
-
-
-async def test_an_error_in_the_decision_ends_that_wait_instead_of_hanging_it(sim, monkeypatch):
-    broken, healthy = create(2)
-    original = PredictionPoller.on_prediction
-
-    def exploding_for_one(self, prediction, now):
-        if self.prediction_id == broken:
-            raise KeyError("surprise")
-        return original(self, prediction, now)
-
-    monkeypatch.setattr(PredictionPoller, "on_prediction", exploding_for_one)
-    bad, good = await asyncio.wait_for(
-        asyncio.gather(first_event(PredictionTrigger(broken)), first_event(PredictionTrigger(healthy))), 20
-    )
-    assert bad["status"] == "error" and "surprise" in bad["message"]
+    assert bad["status"] == "error" and message in bad["message"]
     assert good["status"] == "succeeded"
 
 
 async def test_one_slow_answer_does_not_hold_back_the_checks_queued_behind_it(sim, monkeypatch):
     sim.set_faults(Faults(never_finish=True))
     slow, *others = create(3)
-    original = CometAPIHook.aget_prediction
-
-    async def slow_for_one(self, prediction_id):
-        if prediction_id == slow:
-            await asyncio.sleep(5)  # an answer that takes long to come (the request itself is real)
-        return await original(self, prediction_id)
-
-    monkeypatch.setattr(CometAPIHook, "aget_prediction", slow_for_one)
+    answer_slowly_for(monkeypatch, slow, 5)
     poller = shared_poller("cometapi_default")
     now = time.time()
     # Due within the same batch, the slow one first (10 ms sooner): one worker takes all three in turn
@@ -190,14 +198,7 @@ async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request
     monkeypatch.setattr(_shared_poller, "MAX_WORKERS", 1)
     sim.set_faults(Faults(never_finish=True))
     slow, late = create(2)
-    original = CometAPIHook.aget_prediction
-
-    async def slow_for_one(self, prediction_id):
-        if prediction_id == slow:
-            await asyncio.sleep(_shared_poller.BACKLOG_GRACE + 7)
-        return await original(self, prediction_id)
-
-    monkeypatch.setattr(CometAPIHook, "aget_prediction", slow_for_one)
+    answer_slowly_for(monkeypatch, slow, _shared_poller.BACKLOG_GRACE + 7)
     now = time.time()
     poller = shared_poller("cometapi_default")
     watches = [

@@ -237,33 +237,26 @@ class SharedPoller:
             if hook is not None:
                 await hook.aclose()
 
-    async def _look_up(self, hook: CometAPIHook) -> Exception | None:
+    async def _look_up(self, hook: CometAPIHook) -> CometAPITransportError | None:
         """Give ``hook`` the connection's settings: fresh, or the last good ones when the lookup fails (an
-        API server restarting must not end every wait whose check falls in that moment)."""
+        API server restarting must not end every wait whose check falls in that moment). With no good ones
+        yet, the failure, as a transient error each check of this worker reports."""
         try:
             self._settings = await hook.aget_settings()
         except Exception as error:  # noqa: BLE001 - any lookup failure is worth waiting out
             if self._settings is None:
-                return error
+                return CometAPITransportError(
+                    f"looking up connection {self.conn_id!r} failed ({error})", maybe_sent=False
+                )
             log.warning("Looking up connection %s failed (%s); checking with its last settings", self.conn_id, error)
             hook._settings = self._settings
         return None
 
-    async def _check(self, hook: CometAPIHook, watch: Watch, lookup_error: Exception | None) -> None:
-        poller = watch.poller
+    async def _check(self, hook: CometAPIHook, watch: Watch, lookup_error: CometAPIError | None) -> None:
         self._checking += 1
         self._watch_backlog()
         try:
-            try:
-                if lookup_error is not None:
-                    raise CometAPITransportError(
-                        f"looking up connection {self.conn_id!r} failed ({lookup_error})", maybe_sent=False
-                    )
-                prediction = await hook.aget_prediction(poller.prediction_id)
-            except CometAPIError as error:
-                outcome = poller.on_error(error, time.time())
-            else:
-                outcome = poller.on_prediction(prediction, time.time())
+            outcome = await self._decide(hook, watch.poller, lookup_error)
         except Exception as error:  # noqa: BLE001 - its trigger reports it as its event; other checks go on
             watch._tell(error)
             return
@@ -275,6 +268,19 @@ class SharedPoller:
             self._schedule(watch, outcome.delay)
         if outcome.event is not None or outcome.new_status or outcome.problem:
             watch._tell(outcome)
+
+    @staticmethod
+    async def _decide(
+        hook: CometAPIHook, poller: PredictionPoller, lookup_error: CometAPIError | None
+    ) -> PollOutcome:
+        """One status check (unless the lookup already failed) and the poller's decision on it."""
+        if lookup_error is not None:
+            return poller.on_error(lookup_error, time.time())
+        try:
+            prediction = await hook.aget_prediction(poller.prediction_id)
+        except CometAPIError as error:
+            return poller.on_error(error, time.time())
+        return poller.on_prediction(prediction, time.time())
 
     # -- lifetime ----------------------------------------------------------------------------------------
 
