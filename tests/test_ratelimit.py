@@ -215,6 +215,77 @@ def test_late_comers_queue_behind_waiters_even_when_a_slot_is_free():
     assert asyncio.run(run()) == ["early0", "early1", "early2", "queued0", "queued1", "queued2"]
 
 
+def test_an_urgent_request_takes_the_next_slot_ahead_of_the_queue():
+    async def run() -> list[str]:
+        budget = RequestBudget(rate=20)
+        order: list[str] = []
+
+        async def one(name: str, urgent: bool = False) -> None:
+            await budget.acquire(urgent=urgent)
+            order.append(name)
+
+        queued = [asyncio.create_task(one(f"check{i}")) for i in range(6)]
+        await asyncio.sleep(0)  # check0 goes at once, the rest queue for a slot each
+        assert budget.waiting == 5
+        cancel = asyncio.create_task(one("cancel", urgent=True))
+        await asyncio.gather(*queued, cancel)
+        return order
+
+    # Ahead of every queued check, but after the one already sent: the rate itself still holds.
+    assert asyncio.run(run()) == ["check0", "cancel", "check1", "check2", "check3", "check4", "check5"]
+
+
+def test_urgent_requests_keep_the_spacing_and_wait_out_a_pause():
+    async def run() -> list[float]:
+        budget = RequestBudget(rate=20)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        released: list[float] = []
+
+        async def one(urgent: bool) -> None:
+            await budget.acquire(urgent=urgent)
+            released.append(loop.time() - start)
+
+        budget.pause(0.2)
+        await asyncio.gather(*(one(urgent=i % 2 == 0) for i in range(4)))
+        return released
+
+    released = asyncio.run(run())
+    assert min(released) >= 0.19  # a Retry-After pause holds urgent requests too
+    gaps = [b - a for a, b in zip(released, released[1:])]
+    assert min(gaps) >= (1 + HEADROOM) / 20 * 0.75
+
+
+def test_a_cancel_is_not_stuck_behind_the_queued_status_checks(simulator, monkeypatch):
+    """on_kill has about 25 s: at 2 requests a second, a cancel behind 20 queued checks would take 10 s."""
+    set_connection(monkeypatch, simulator.base_url, max_requests_per_second=2)
+    polled, cancelled = _create_prediction(simulator), _create_prediction(simulator)
+
+    async def run() -> float:
+        hooks = [CometAPIHook() for _ in range(8)]
+        for hook in hooks:
+            await hook.__aenter__()
+        try:
+            checks = [asyncio.create_task(hook.aget_prediction(polled)) for hook in hooks]
+            await asyncio.sleep(0.1)  # one check sent, seven queued
+            started = time.monotonic()
+            async with CometAPIHook() as hook:
+                await hook.acancel_prediction(cancelled)
+            took = time.monotonic() - started
+            for check in checks:
+                check.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
+            return took
+        finally:
+            for hook in hooks:
+                await hook.aclose()
+
+    took = asyncio.run(run())
+    assert took < 1.5  # the next slot (0.525 s at 2/s), not the eighth (3.7 s)
+    assert len(simulator.polls(polled)) <= 2
+    assert simulator.prediction(cancelled)["status"] == "canceled"
+
+
 def test_pause_holds_everyone_and_without_a_rate_releases_them_together():
     async def run() -> list[float]:
         budget = RequestBudget(rate=None)

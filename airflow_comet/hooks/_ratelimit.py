@@ -8,7 +8,8 @@ the same connection.
 
 - With a rate (the connection extra ``max_requests_per_second``), requests leave evenly spaced, a little
   over ``1 / rate`` apart, and in the order they asked (FIFO): no poll starves, and no burst reaches the
-  server after a quiet spell.
+  server after a quiet spell. An *urgent* request (a cancel: ``on_kill`` has about 25 s, and at a low
+  rate dozens of status checks can be queued) takes the next slot ahead of the queue, never more slots.
 - With or without a rate, a ``429`` with ``Retry-After`` pauses every user of the connection, not only
   the request that got it (:meth:`RequestBudget.pause`).
 - One session (so one pool of keep-alive connections) per connection instead of one per trigger: a few
@@ -55,6 +56,7 @@ class RequestBudget:
 
     def __init__(self, rate: float | None = None) -> None:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()  # served first
         self._next = 0.0  # loop time of the next free slot
         self._paused_until = 0.0  # loop time until which nothing is sent
         self._timer: asyncio.TimerHandle | None = None
@@ -76,21 +78,24 @@ class RequestBudget:
     @property
     def waiting(self) -> int:
         """Requests queued for a slot right now (cancelled ones may still be counted)."""
-        return len(self._waiters)
+        return len(self._waiters) + len(self._urgent)
 
     def paused_for(self) -> float:
         """Seconds left of the current pause (0 when not paused)."""
         return max(0.0, self._paused_until - asyncio.get_running_loop().time())
 
-    async def acquire(self) -> None:
-        """Wait for this request's turn; returns at once when the budget has room and nobody is queued."""
+    async def acquire(self, *, urgent: bool = False) -> None:
+        """Wait for this request's turn; returns at once when the budget has room and nobody is queued.
+
+        :param urgent: Take the next slot ahead of the requests already queued (pauses still hold it).
+        """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if not self._waiters and now >= self._next and now >= self._paused_until:
+        if not self._waiters and not self._urgent and now >= self._next and now >= self._paused_until:
             self._next = now + self._interval
             return
         waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(waiter)
+        (self._urgent if urgent else self._waiters).append(waiter)
         self._schedule(loop)
         # A cancelled waiter stays in the queue, done, and is skipped when its turn comes.
         await waiter
@@ -114,7 +119,7 @@ class RequestBudget:
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         """Arm the one timer that hands out the next slot, if there is a waiter and no timer yet."""
-        if self._timer is not None or not self._waiters:
+        if self._timer is not None or not (self._waiters or self._urgent):
             return
         when = max(self._next, self._paused_until)
         if when <= loop.time():
@@ -128,8 +133,8 @@ class RequestBudget:
         if now < self._paused_until:  # a pause began after this timer was armed
             self._schedule(loop)
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        while self._urgent or self._waiters:
+            waiter = (self._urgent or self._waiters).popleft()
             if waiter.done():  # cancelled while queued
                 continue
             waiter.set_result(None)

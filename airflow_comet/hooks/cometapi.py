@@ -244,10 +244,11 @@ class CometAPIHook(HttpHook):
         idempotent: bool = True,
         headers: Mapping[str, str] | None = None,
         hold: float = 0.0,
+        urgent: bool = False,
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
         return await acall_with_retries(
-            lambda: self._asend(settings, method, path, body, headers, hold),
+            lambda: self._asend(settings, method, path, body, headers, hold, urgent),
             policy=self.retry_policy(settings),
             idempotent=idempotent,
             logger=self.log,
@@ -262,11 +263,12 @@ class CometAPIHook(HttpHook):
         body: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
         hold: float,
+        urgent: bool = False,
     ) -> dict[str, Any]:
         session = await self._aget_session()
         # Shared by every trigger of this connection in this event loop: the request budget and 429 pauses.
         budget = request_budget(settings.conn_id, settings.max_requests_per_second)
-        await budget.acquire()
+        await budget.acquire(urgent=urgent)
         timeout = session.timeout
         if hold:
             timeout = aiohttp.ClientTimeout(
@@ -368,7 +370,8 @@ class CometAPIHook(HttpHook):
     async def acancel_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         """Async :meth:`cancel_prediction`."""
         try:
-            return await self._arequest("POST", protocol.cancel_path(prediction_id))
+            # Urgent: ahead of the status checks queued for the request budget (on_kill has about 25 s).
+            return await self._arequest("POST", protocol.cancel_path(prediction_id), urgent=True)
         except CometAPIResponseError as error:
             return self._cancel_unsupported(prediction_id, error)
 
