@@ -1,8 +1,8 @@
 """Errors raised by the CometAPI hook, with the facts a person on call needs.
 
 Every error carries ``retryable`` so that the one retry policy (``hooks/_retry.py``) can decide without
-knowing which transport (requests or aiohttp) produced it. Messages never contain the API key: they are
-built only from the status code, the content type, the API's own ``error`` envelope and the URL path.
+knowing which transport (requests, or the async ``_http1`` client) produced it. Messages never contain the
+API key: they are built only from the status code, the content type, the API's own ``error`` envelope and the URL path.
 """
 
 from __future__ import annotations

@@ -355,7 +355,7 @@ def test_hooks_of_one_connection_share_one_pool(simulator):
         hooks = [CometAPIHook() for _ in range(20)]
         for hook in hooks:
             await hook.__aenter__()
-        assert len({id(hook._async_session) for hook in hooks}) == 1
+        assert len({id(hook._async_pool) for hook in hooks}) == 1
         try:
             for _ in range(3):
                 for hook in hooks:  # one after another: one keep-alive connection serves them all
@@ -376,16 +376,16 @@ def test_closing_one_hook_leaves_the_pool_open_for_the_others(simulator):
         first, second = CometAPIHook(), CometAPIHook()
         async with first:
             async with second:
-                session = second._async_session
+                session = second._async_pool
                 await second.aget_prediction(pid)
             assert not session.closed  # second let go; first still uses it
             await first.aget_prediction(pid)
         assert session.closed  # the last user let go
-        assert not _ratelimit._sessions
+        assert not _ratelimit._pools
 
         # A hook arriving afterwards gets a fresh pool.
         async with CometAPIHook() as third:
-            assert third._async_session is not session
+            assert third._async_pool is not session
             await third.aget_prediction(pid)
 
     asyncio.run(run())
@@ -409,10 +409,10 @@ def test_a_cancelled_trigger_gives_its_share_back(simulator):
             await started.wait()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            [entry] = _ratelimit._sessions.values()
+            [entry] = _ratelimit._pools.values()
             assert entry.users == 1
             await survivor.aget_prediction(pid)
-        assert not _ratelimit._sessions
+        assert not _ratelimit._pools
 
     asyncio.run(run())
 
@@ -422,7 +422,7 @@ def test_connections_with_other_keys_or_hosts_do_not_share(simulator, monkeypatc
 
     async def run() -> None:
         async with CometAPIHook() as one, CometAPIHook("cometapi_other") as other:
-            assert one._async_session is not other._async_session
+            assert one._async_pool is not other._async_pool
 
     asyncio.run(run())
 
@@ -435,7 +435,7 @@ def test_each_event_loop_gets_its_own_pool(simulator):
         hook = CometAPIHook()
         async with hook:
             await hook.aget_prediction(pid)
-            sessions.append(hook._async_session)
+            sessions.append(hook._async_pool)
         # Left open on purpose: a loop that dies with triggers still holding the pool.
         await CometAPIHook().__aenter__()
 

@@ -100,7 +100,7 @@ async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
     # Everything let go: nothing followed, no worker left, the session closed with its last user.
     await asyncio.sleep(0.1)
     assert poller.following == 0 and poller.in_flight == 0
-    assert not _ratelimit._sessions  # the pool closed with its last user
+    assert not _ratelimit._pools  # the pool closed with its last user
     # One connection per worker at most (40 checks due together: 10 workers), not one per trigger.
     assert sim.connections_opened("api") <= 1 + 40 // _shared_poller.CHECKS_PER_WORKER
 

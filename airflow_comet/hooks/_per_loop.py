@@ -1,4 +1,4 @@
-"""Objects kept per (event loop, name): asyncio timers, futures and sessions belong to the loop that made them.
+"""Objects kept per (event loop, name): asyncio timers, futures and connections belong to the loop that made them.
 
 A triggerer whose loop is restarted, or a test calling ``asyncio.run`` twice, must get fresh ones, never a
 future or timer of a dead loop. The loop's id alone could be reused by a new loop once the old one is gone,

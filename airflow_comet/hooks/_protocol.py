@@ -1,7 +1,7 @@
 """CometAPI's wire format, transport-free: URLs, settings, and what an answer means.
 
-Both the requests-based (worker) and the aiohttp-based (triggerer) paths of the hook build their URLs and
-read their answers here, so the two cannot drift apart.
+Both the requests-based (worker) and the asyncio-based (triggerer, ``_http1``) paths of the hook build their
+URLs and read their answers here, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -192,7 +192,10 @@ def parse_answer(
     headers: Mapping[str, str],
     max_retry_wait: float,
 ) -> dict[str, Any]:
-    """Turn one HTTP answer into the JSON object it carries, or raise the error it stands for."""
+    """Turn one HTTP answer into the JSON object it carries, or raise the error it stands for.
+
+    ``headers`` is looked up by lower-case names (a case-insensitive mapping, or a dict of lower-case names).
+    """
     what = f"{method} {path}"
     mime = (content_type or "").split(";")[0].strip().lower()
     payload: Any = None
@@ -215,7 +218,7 @@ def parse_answer(
     if 300 <= status < 400:
         raise _not_json(what, status, mime, body, headers)
 
-    retry_after = parse_retry_after(headers.get("Retry-After"), max_retry_wait) if status == 429 else None
+    retry_after = parse_retry_after(headers.get("retry-after"), max_retry_wait) if status == 429 else None
     if not isinstance(payload, dict):
         if status in RETRYABLE_STATUS_CODES:
             # Gateways (Cloudflare's 524, a load balancer's 502) answer HTML while CometAPI itself is busy.
@@ -264,7 +267,7 @@ def _envelope(payload: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def _not_json(what: str, status: int, mime: str, body: bytes, headers: Mapping[str, str]) -> CometAPINotJSONError:
-    location = headers.get("Location")
+    location = headers.get("location")
     if mime.endswith("json") or body[:1] in (b"{", b"["):
         # JSON that does not parse came from the API itself (a wrong host answers HTML or a redirect):
         # blaming the host would send the user looking in the wrong place.

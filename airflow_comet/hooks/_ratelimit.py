@@ -3,8 +3,8 @@
 Hundreds of mapped predictions mean hundreds of triggers polling the same account at once. Their checks go
 through many hooks (each worker of the shared poller has its own, and so has a trigger cancelling its
 prediction), so this state cannot live in a hook: every hook of one event loop gets the same
-:class:`RequestBudget` (:func:`request_budget`) and the same aiohttp session (:func:`shared_session`) for
-the same connection.
+:class:`RequestBudget` (:func:`request_budget`) and the same pool of keep-alive connections
+(:func:`shared_pool`) for the same connection.
 
 - With a rate (the connection extra ``max_requests_per_second``), requests leave evenly spaced, a little
   over ``1 / rate`` apart, and in the order they asked (FIFO): no poll starves, and no burst reaches the
@@ -12,12 +12,12 @@ the same connection.
   rate dozens of status checks can be queued) takes the next slot ahead of the queue, never more slots.
 - With or without a rate, a ``429`` with ``Retry-After`` pauses every user of the connection, not only
   the request that got it (:meth:`RequestBudget.pause`).
-- One session (so one pool of keep-alive connections) per connection instead of one per trigger: a few
-  connections serve thousands of triggers, and a prediction polled every 20 s no longer reconnects
-  each time (aiohttp drops a connection idle for 15 s). The session is reference-counted: it closes when
-  the last hook using it lets go (:func:`release_session`), never under another trigger's feet.
+- One pool of keep-alive connections per connection instead of one per trigger: a few connections serve
+  thousands of triggers, and a prediction polled every 20 s no longer reconnects each time (an idle
+  connection is dropped after 15 s). The pool is reference-counted: it closes when the last hook using it
+  lets go (:func:`release_pool`), never under another trigger's feet.
 
-Asyncio primitives and aiohttp sessions belong to one event loop, so everything here is kept per (loop,
+Asyncio primitives and connections belong to one event loop, so everything here is kept per (loop,
 connection): a triggerer whose loop is restarted (or a test calling ``asyncio.run`` twice) gets fresh
 ones, never a future, timer or connection of a dead loop. Only the async (triggerer) path uses this;
 workers send one request at a time.
@@ -36,11 +36,10 @@ from typing import TYPE_CHECKING, Any
 from airflow_comet.hooks._per_loop import Registry, per_loop
 
 if TYPE_CHECKING:
-    import aiohttp
-
+    from airflow_comet.hooks._http1 import ConnectionPool
     from airflow_comet.hooks._protocol import ConnectionSettings
 
-__all__ = ["HEADROOM", "RequestBudget", "release_session", "request_budget", "shared_session"]
+__all__ = ["HEADROOM", "RequestBudget", "release_pool", "request_budget", "shared_pool"]
 
 #: Requests are spaced ``(1 + HEADROOM) / rate`` apart: the slack absorbs the jitter between leaving here
 #: and arriving at the server (event-loop lag, the network), so the server's own one-second windows stay
@@ -164,32 +163,30 @@ def request_budget(conn_id: str, rate: float | None) -> RequestBudget:
     return budget
 
 
-# -- one aiohttp session per (loop, connection) ------------------------------------------------------------
+# -- one connection pool per (loop, connection) -----------------------------------------------------------
 
 
 class _Shared:
-    __slots__ = ("key", "loop", "session", "users")
+    __slots__ = ("key", "loop", "pool", "users")
 
-    def __init__(self, key: tuple[Any, ...], loop: asyncio.AbstractEventLoop, session: aiohttp.ClientSession):
+    def __init__(self, key: tuple[Any, ...], loop: asyncio.AbstractEventLoop, pool: ConnectionPool):
         self.key = key
         self.loop = weakref.ref(loop)
-        self.session = session
+        self.pool = pool
         self.users = 0
 
 
-# (id(loop), conn_id, fingerprint of what the session carries) -> entry; id(session) -> entry.
-_sessions: dict[tuple[Any, ...], _Shared] = {}
-_by_session: dict[int, _Shared] = {}
+# (id(loop), conn_id, fingerprint of what the pool carries) -> entry; id(pool) -> entry.
+_pools: dict[tuple[Any, ...], _Shared] = {}
+_by_pool: dict[int, _Shared] = {}
 
 
-def shared_session(
-    settings: ConnectionSettings, make: Callable[[], aiohttp.ClientSession]
-) -> aiohttp.ClientSession:
-    """The session every hook of ``settings.conn_id`` shares in the running loop (``make`` builds it on first
-    use). Each call counts one user; give it back with :func:`release_session`.
+def shared_pool(settings: ConnectionSettings, make: Callable[[], ConnectionPool]) -> ConnectionPool:
+    """The pool every hook of ``settings.conn_id`` shares in the running loop (``make`` builds it on first
+    use). Each call counts one user; give it back with :func:`release_pool`.
 
-    The key includes a digest of everything the session carries (base URL, key, timeouts): after the
-    connection is edited, new triggers get a new session while running ones finish on the old one.
+    The key includes a digest of everything the pool carries (base URL, key, timeouts): after the
+    connection is edited, new triggers get a new pool while running ones finish on the old one.
     """
     loop = asyncio.get_running_loop()
     digest = hashlib.sha256(
@@ -197,36 +194,36 @@ def shared_session(
     ).hexdigest()
     key = (id(loop), settings.conn_id, digest)
     with _lock:
-        entry = _sessions.get(key)
-        if entry is None or entry.loop() is not loop or entry.session.closed:
-            _forget_dead_sessions()
+        entry = _pools.get(key)
+        if entry is None or entry.loop() is not loop or entry.pool.closed:
+            _forget_dead_pools()
             entry = _Shared(key, loop, make())
-            _sessions[key] = entry
-            _by_session[id(entry.session)] = entry
+            _pools[key] = entry
+            _by_pool[id(entry.pool)] = entry
         entry.users += 1
-        return entry.session
+        return entry.pool
 
 
-async def release_session(session: aiohttp.ClientSession) -> None:
-    """One user lets go of ``session``: a shared session closes with its last user, any other at once."""
+async def release_pool(pool: ConnectionPool) -> None:
+    """One user lets go of ``pool``: a shared pool closes with its last user, any other at once."""
     with _lock:
-        entry = _by_session.get(id(session))
-        if entry is not None and entry.session is session:
+        entry = _by_pool.get(id(pool))
+        if entry is not None and entry.pool is pool:
             entry.users -= 1
             if entry.users > 0:
                 return
-            # Forgotten before closing, so that a hook arriving meanwhile builds a new session.
-            _by_session.pop(id(session), None)
-            if _sessions.get(entry.key) is entry:
-                del _sessions[entry.key]
-    if not session.closed:
-        await session.close()
+            # Forgotten before closing, so that a hook arriving meanwhile builds a new pool.
+            _by_pool.pop(id(pool), None)
+            if _pools.get(entry.key) is entry:
+                del _pools[entry.key]
+    if not pool.closed:
+        await pool.close()
 
 
-def _forget_dead_sessions() -> None:
-    """Drop entries of closed or gone loops, and closed sessions (called with ``_lock`` held)."""
-    for key, entry in list(_sessions.items()):
+def _forget_dead_pools() -> None:
+    """Drop entries of closed or gone loops, and closed pools (called with ``_lock`` held)."""
+    for key, entry in list(_pools.items()):
         loop = entry.loop()
-        if loop is None or loop.is_closed() or entry.session.closed:
-            del _sessions[key]
-            _by_session.pop(id(entry.session), None)
+        if loop is None or loop.is_closed() or entry.pool.closed:
+            del _pools[key]
+            _by_pool.pop(id(entry.pool), None)

@@ -8,7 +8,7 @@ largest part of a trigger's start-up (benchmarks/RESULTS.md). Concurrent lookups
 one request, and its answer serves new hooks for :data:`SETTINGS_TTL` seconds, so an edited connection (a
 rotated key) reaches new triggers and status checks within that time. A failed lookup is never kept.
 
-Kept per (event loop, connection id), like the request budget and the shared session: nothing outlives the
+Kept per (event loop, connection id), like the request budget and the shared pool: nothing outlives the
 loop it was made in.
 """
 

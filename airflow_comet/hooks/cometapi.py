@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
-import aiohttp
 import requests
 from airflow.providers.http.hooks.http import HttpHook
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a dependency of providers-http
@@ -22,8 +21,9 @@ from airflow_comet.exceptions import (
     CometAPITransportError,
 )
 from airflow_comet.hooks import _protocol as protocol
+from airflow_comet.hooks._http1 import ConnectionPool, HTTPTransportError
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
-from airflow_comet.hooks._ratelimit import release_session, request_budget, shared_session
+from airflow_comet.hooks._ratelimit import release_pool, request_budget, shared_pool
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
 from airflow_comet.hooks._settings_cache import cached_settings, forget_settings
 
@@ -84,13 +84,13 @@ class CometAPIHook(HttpHook):
         self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
     ) -> None:
         # No requests adapter yet: HttpHook builds one per hook (a pool manager, a lock, ~12 objects the
-        # garbage collector walks), and a trigger, which only speaks aiohttp, would carry it for nothing.
-        # get_conn() builds it for the sync session.
+        # garbage collector walks), and a trigger, which only uses the async transport, would carry it for
+        # nothing. get_conn() builds it for the sync session.
         super().__init__(method="GET", http_conn_id=cometapi_conn_id, tcp_keep_alive=False)
         self.cometapi_conn_id = cometapi_conn_id
         self._retry_policy = retry_policy
         self._settings: ConnectionSettings | None = None
-        self._async_session: aiohttp.ClientSession | None = None
+        self._async_pool: ConnectionPool | None = None
 
     # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
 
@@ -136,7 +136,7 @@ class CometAPIHook(HttpHook):
         """Look the connection up again on the next request (its key may have been changed meanwhile)."""
         forget_settings(self.cometapi_conn_id)
         self._settings = None
-        await self.aclose()  # the shared session carries the old key
+        await self.aclose()  # the shared pool carries the old key
 
     def retry_policy(self, settings: ConnectionSettings) -> RetryPolicy:
         return self._retry_policy or RetryPolicy(
@@ -213,27 +213,27 @@ class CometAPIHook(HttpHook):
             raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
         return self._parse(settings, method, path, response.status_code, response.headers, response.content)
 
-    # -- async transport (aiohttp, one session per connection shared by the triggers of an event loop) -----
+    # -- async transport (_http1, one keep-alive pool per connection shared by the triggers of a loop) -----
 
     async def __aenter__(self) -> CometAPIHook:
-        await self._aget_session()
+        await self._aget_pool()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Let go of the async session (idempotent); the pool it shares closes with its last hook."""
-        session, self._async_session = self._async_session, None
-        if session is not None:
-            await release_session(session)
+        """Let go of the async connection pool (idempotent); it closes with the last hook sharing it."""
+        pool, self._async_pool = self._async_pool, None
+        if pool is not None:
+            await release_pool(pool)
 
-    async def _aget_session(self) -> aiohttp.ClientSession:
-        if self._async_session is None or self._async_session.closed:
+    async def _aget_pool(self) -> ConnectionPool:
+        if self._async_pool is None or self._async_pool.closed:
             settings = await self.aget_settings()
-            # One session (one keep-alive pool) per connection and event loop, shared by every trigger.
-            self._async_session = shared_session(settings, lambda: new_async_session(settings))
-        return self._async_session
+            # One pool of keep-alive connections per connection and event loop, shared by every trigger.
+            self._async_pool = shared_pool(settings, lambda: new_connection_pool(settings))
+        return self._async_pool
 
     async def _arequest(
         self,
@@ -248,7 +248,7 @@ class CometAPIHook(HttpHook):
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
         return await acall_with_retries(
-            lambda: self._asend(settings, method, path, body, headers, hold, urgent),
+            lambda: self._asend(settings, method, path, body, headers, hold, urgent, idempotent),
             policy=self.retry_policy(settings),
             idempotent=idempotent,
             logger=self.log,
@@ -264,27 +264,26 @@ class CometAPIHook(HttpHook):
         headers: Mapping[str, str] | None,
         hold: float,
         urgent: bool = False,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
-        session = await self._aget_session()
+        pool = await self._aget_pool()
         # Shared by every trigger of this connection in this event loop: the request budget and 429 pauses.
         budget = request_budget(settings.conn_id, settings.max_requests_per_second)
         await budget.acquire(urgent=urgent)
-        timeout = session.timeout
-        if hold:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout + hold
-            )
         try:
-            async with session.request(
+            response = await pool.request(
                 method,
-                settings.url(path),
-                json=body,
-                headers=dict(headers or {}),
-                allow_redirects=False,
-                timeout=timeout,
-            ) as response:
-                content = await response.read()
-                return self._parse(settings, method, path, response.status, response.headers, content)
+                path,
+                body=None if body is None else json.dumps(body).encode(),
+                headers=headers,
+                read_timeout=settings.read_timeout + hold,
+                idempotent=idempotent,
+            )
+        except HTTPTransportError as e:
+            what = "no complete answer" if e.sent else "connection failed"
+            raise _transport_error(method, path, what, e, maybe_sent=e.sent) from None
+        try:
+            return self._parse(settings, method, path, response.status, response.headers, response.body)
         except CometAPIAuthError:
             # A key rotated in the connection while triggers run: the next poll picks the new one up.
             await self._aforget_settings()
@@ -293,10 +292,6 @@ class CometAPIHook(HttpHook):
             if e.status_code == 429 and e.retry_after:
                 budget.pause(e.retry_after)
             raise
-        except (aiohttp.ClientConnectorError, _ConnectionTimeoutError) as e:
-            raise _transport_error(method, path, "connection failed", e, maybe_sent=False) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
 
     # -- shared ------------------------------------------------------------------------------------------
 
@@ -314,7 +309,9 @@ class CometAPIHook(HttpHook):
                 method=method,
                 path=path,
                 status=status,
-                content_type=headers.get("Content-Type", ""),
+                # Lower-case names: the async transport's headers are a plain dict of them (requests' are
+                # case-insensitive).
+                content_type=headers.get("content-type", ""),
                 body=content,
                 headers=headers,
                 max_retry_wait=settings.max_retry_wait,
@@ -417,29 +414,22 @@ async def aconnection_settings(conn_id: str) -> ConnectionSettings:
     return await cached_settings(conn_id, lambda: CometAPIHook(conn_id)._alook_up_settings())
 
 
-def new_async_session(settings: ConnectionSettings) -> aiohttp.ClientSession:
-    """An aiohttp session that sends the connection's key to its host, with its timeouts."""
-    return aiohttp.ClientSession(
-        # No cap here: the triggerer's shared poller caps its status checks in flight itself (MAX_WORKERS).
-        connector=aiohttp.TCPConnector(limit=0),
-        # The API sets no cookies we need, and a jar costs CPU on every request of every trigger.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        ),
+def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
+    """A pool of keep-alive connections that sends the connection's key to its host, with its timeouts.
+
+    No cap on connections here: the triggerer's shared poller caps its status checks in flight itself
+    (``MAX_WORKERS``). No cookies either: the API sets none we need.
+    """
+    return ConnectionPool(
+        settings.base_url,
         headers={
             "Authorization": f"Bearer {settings.api_key}",
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         },
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
     )
-
-
-try:  # aiohttp >= 3.10 tells connect timeouts apart from read timeouts.
-    from aiohttp import ConnectionTimeoutError as _ConnectionTimeoutError
-except ImportError:  # pragma: no cover - older aiohttp
-    class _ConnectionTimeoutError(Exception):  # type: ignore[no-redef]
-        """Never raised: older aiohttp reports every timeout the same way."""
 
 
 def _transport_error(method: str, path: str, what: str, error: BaseException, *, maybe_sent: bool) -> CometAPITransportError:

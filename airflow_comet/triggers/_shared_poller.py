@@ -9,11 +9,12 @@ collector to walk (benchmarks/RESULTS.md: per check about 0.9 ms above an idle t
   :data:`SLACK` seconds is queued (a check may go a few hundredths of a second early or late; the schedule
   counts in seconds);
 - a few short-lived worker tasks send the queued checks back to back, each through a hook of its own (so
-  through the connection's shared session and request budget, with settings at most ``SETTINGS_TTL`` old),
-  and give each answer to that prediction's own :class:`~airflow_comet.polling.PredictionPoller`, which
-  decides exactly as in the worker's blocking wait. A check is sent once: a failed one is retried by the
-  prediction's own schedule (the poller backs off after errors), so a worker is never held by another
-  prediction's retries, and a ``429``'s ``Retry-After`` still pauses the whole connection (the budget);
+  through the connection's shared pool of connections and request budget, with settings at most
+  ``SETTINGS_TTL`` old), and give each answer to that prediction's own
+  :class:`~airflow_comet.polling.PredictionPoller`, which decides exactly as in the worker's blocking wait.
+  A check is sent once: a failed one is retried by the prediction's own schedule (the poller backs off
+  after errors), so a worker is never held by another prediction's retries, and a ``429``'s
+  ``Retry-After`` still pauses the whole connection (the budget);
 - a trigger's own task wakes only for what it logs or yields: the first status, a change, a failed check,
   an answer that made no sense, the end; a check queued long past its deadline is not sent (the timeout
   fires at once), and a connection lookup that fails mid-wait leaves the checks on the last good settings.
@@ -217,7 +218,7 @@ class SharedPoller:
     async def _work(self) -> None:
         # A hook per worker: its settings are looked up (from the per-loop cache) when the worker starts,
         # so an edited connection reaches the checks within SETTINGS_TTL, and a 401 that makes it drop its
-        # settings and session touches no other worker's checks.
+        # settings and pool share touches no other worker's checks.
         hook = CometAPIHook(cometapi_conn_id=self.conn_id, retry_policy=SINGLE_ATTEMPT)
         try:
             lookup_error = await self._look_up(hook)
@@ -232,7 +233,7 @@ class SharedPoller:
                 await self._check(hook, watch, lookup_error)
         finally:
             # The freshest hook that holds a share of the pool becomes the keeper (one after a 401 holds none).
-            if self._open and hook._async_session is not None:
+            if self._open and hook._async_pool is not None:
                 hook, self._keeper = self._keeper, hook
             if hook is not None:
                 await hook.aclose()

@@ -1,0 +1,319 @@
+"""A small keep-alive HTTP/1.1 client: the transport of the hook's async requests (the triggerer's).
+
+Why not aiohttp, which this replaced: in a triggerer every status check is an event of its own, and
+aiohttp's per-request machinery (URL and header objects, a stream reader, timers rescheduled per chunk)
+was about a third of the triggerer's CPU while it watched a thousand predictions (benchmarks/RESULTS.md).
+This client does only what the hook needs: requests to one host, one at a time per connection, over a
+pool of keep-alive connections, with a connect timeout and a read timeout, TLS for ``https``. The answers
+are parsed by httptools (llhttp, the parser behind uvicorn): nothing here parses HTTP by hand.
+
+Left out on purpose: redirects (never followed, so the key only ever goes to the connection's host),
+proxies (the aiohttp session before it did not read them either), compression (never asked for), cookies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Mapping
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = ["AnswerTimeout", "ConnectFailed", "ConnectionLost", "ConnectionPool", "HTTPTransportError", "Response"]
+
+#: An answer larger than this is no CometAPI JSON object: the connection is dropped instead of buffering it.
+MAX_BODY = 16 * 1024 * 1024
+#: Idle connections are not reused after this long (aiohttp's default too): servers close idle keep-alive
+#: connections after a while, and a request sent just as one closes fails.
+IDLE_TIMEOUT = 15.0
+#: A request that must not be sent twice (a create) reuses only a connection idle for less than this.
+FRESH = 1.0
+#: Idle connections kept at most; more are closed as they come back (a burst needs them only briefly).
+MAX_IDLE = 128
+
+
+class Response(NamedTuple):
+    """One answer: the status code, the headers (names lower-cased; a repeated one keeps its last value)
+    and the whole body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class HTTPTransportError(Exception):
+    """No complete answer came back. ``sent``: the request may have reached the server."""
+
+    sent = True
+
+
+class ConnectFailed(HTTPTransportError):
+    """No connection could be made (refused, unknown host, TLS handshake, connect timeout): nothing was sent."""
+
+    sent = False
+
+
+class AnswerTimeout(HTTPTransportError):
+    """The request was sent and no complete answer came within the read timeout."""
+
+
+class ConnectionLost(HTTPTransportError):
+    """The connection closed before the answer was complete (or the answer was not valid HTTP)."""
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        #: Whether any byte of an answer had arrived (a keep-alive connection closed by the server just as it
+        #: was reused has none).
+        self.answered = answered
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection carrying one request at a time."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+        self._headers_done = False
+        self._answered = False
+        self.keep_alive = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    # -- one exchange ------------------------------------------------------------------------------------
+
+    def send(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Response]:
+        self._waiter = loop.create_future()
+        self._headers, self._body, self._size = {}, [], 0
+        self._headers_done = self._answered = self.keep_alive = False
+        assert self.transport is not None
+        self.transport.write(data)
+        return self._waiter
+
+    def time_out(self, seconds: float) -> None:
+        self._fail(AnswerTimeout(f"no complete answer within {seconds:g} s"))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def _fail(self, error: HTTPTransportError) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        # A connection whose answer was not read to its end cannot carry another request.
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:  # bytes nobody asked for: this connection can no longer be trusted
+            self._fail(ConnectionLost("the server sent data without a request", answered=True))
+            return
+        self._answered = True
+        try:
+            self._parser.feed_data(data)
+        except Exception as error:  # noqa: BLE001 - httptools' parse errors, or a callback's below
+            self._fail(ConnectionLost(f"the answer is not valid HTTP ({error})", answered=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._forget(self)
+        if self._waiter is None:
+            return
+        if self._headers_done and "content-length" not in self._headers and not self._chunked():
+            # No length and not chunked: the body is what came before the server closed (RFC 9112, 6.3).
+            self._complete()
+            return
+        reason = f" ({type(exc).__name__}: {exc})" if exc else ""
+        what = "the answer was cut off" if self._answered else "the connection closed before any answer"
+        self._fail(ConnectionLost(what + reason, answered=self._answered))
+
+    # -- httptools callbacks -----------------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
+    def on_body(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MAX_BODY:
+            raise ValueError(f"the answer is larger than {MAX_BODY} bytes")
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self._parser.should_keep_alive()
+        self._complete()
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _chunked(self) -> bool:
+        return "chunked" in self._headers.get("transfer-encoding", "").lower()
+
+    def _complete(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        response = Response(self._parser.get_status_code(), self._headers, b"".join(self._body))
+        self._headers, self._body = {}, []  # the answer owns them now
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+
+class ConnectionPool:
+    """Keep-alive connections to one base URL, sending every request with the same default headers.
+
+    :param base_url: ``scheme://host[:port][/path]``; request paths are appended to it.
+    :param headers: Sent with every request (the key, the user agent).
+    :param connect_timeout: Seconds to open a connection (TLS handshake included).
+    :param read_timeout: Seconds from sending a request to the end of its answer, unless a request says.
+    """
+
+    def __init__(
+        self, base_url: str, *, headers: Mapping[str, str], connect_timeout: float, read_timeout: float
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) base URL: {base_url!r}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        # The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR honoured), hostname checked: as aiohttp and requests.
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._prefix = parts.path.rstrip("/")
+        self._head = f"Host: {parts.netloc}\r\n{_header_lines(headers)}"
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle: list[_Connection] = []  # most recently used last
+        self._busy: set[_Connection] = set()
+        self.closed = False
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        read_timeout: float | None = None,
+        idempotent: bool = True,
+    ) -> Response:
+        """Send one request and return its whole answer (any status); raise :class:`HTTPTransportError`
+        when none came back.
+
+        :param idempotent: Whether sending it twice is harmless. Only then is a request that found its reused
+            keep-alive connection closed under it (nothing came back) sent again, once, on a new connection;
+            any other request reuses only a connection that was busy a moment ago (it cannot be sent again
+            when that fails: it may have reached the server).
+        """
+        if self.closed:
+            raise RuntimeError("the connection pool is closed")
+        data = self._encode(method, path, body, headers)
+        timeout = self._read_timeout if read_timeout is None else read_timeout
+        conn = self._take_idle(IDLE_TIMEOUT if idempotent else FRESH)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, data, timeout)
+            except ConnectionLost as error:
+                if error.answered or not idempotent:
+                    raise
+        return await self._exchange(await self._connect(), data, timeout)
+
+    async def close(self) -> None:
+        """Close every connection (idempotent); requests in flight fail."""
+        self.closed = True
+        for conn in [*self._idle, *self._busy]:
+            conn.close()
+        self._idle.clear()
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _encode(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None) -> bytes:
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._head}"
+        if headers:
+            head += _header_lines(headers)
+        if body is not None or method not in ("GET", "HEAD"):
+            head += f"Content-Length: {len(body or b'')}\r\n"
+        data = (head + "\r\n").encode("latin-1")
+        return data + body if body else data
+
+    async def _exchange(self, conn: _Connection, data: bytes, timeout: float) -> Response:
+        loop = asyncio.get_running_loop()
+        self._busy.add(conn)
+        waiter = conn.send(data, loop)
+        timer = loop.call_later(timeout, conn.time_out, timeout)
+        try:
+            response = await waiter
+        except BaseException:  # noqa: BLE001 - cancelled or failed: the answer may still come, on nothing
+            conn.close()
+            raise
+        finally:
+            timer.cancel()
+            self._busy.discard(conn)
+        if conn.keep_alive and not conn.closed and not self.closed and len(self._idle) < MAX_IDLE:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return response
+
+    def _take_idle(self, max_idle: float) -> _Connection | None:
+        """The most recently used idle connection, if it has been idle under ``max_idle`` seconds."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle and idle[0].idle_since < now - IDLE_TIMEOUT:  # the oldest come first
+            idle.pop(0).close()
+        if idle and idle[-1].idle_since >= now - max_idle:
+            return idle.pop()
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(self), self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                ),
+                self._connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
+        except OSError as error:  # refused, unreachable, unknown host, TLS (ssl.SSLError is an OSError)
+            raise ConnectFailed(f"{type(error).__name__}: {error}") from None
+        if self.closed:
+            conn.close()
+            raise RuntimeError("the connection pool is closed")
+        return conn
+
+    def _forget(self, conn: _Connection) -> None:
+        # Closed by the server while idle: never hand it out again.
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    lines = []
+    for name, value in headers.items():
+        if any(c in f"{name}{value}" for c in "\r\n\0"):
+            # A line break would let a value smuggle headers (or a second request) onto the connection.
+            raise ValueError(f"header {name!r} holds a line break")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)

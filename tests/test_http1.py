@@ -1,0 +1,321 @@
+"""The async transport (hooks/_http1.py) against a raw TCP server on 127.0.0.1 that writes exact bytes.
+
+The hook's behaviour over this transport (retries, errors, timeouts, the key) is tested in test_hook.py
+against the scripted server and the simulator; here: what HTTP/1.1 itself can do to a client (chunked and
+close-delimited bodies, answers cut off, keep-alive connections closed under a request, garbage, TLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from airflow_comet.hooks import _http1
+from airflow_comet.hooks._http1 import AnswerTimeout, ConnectFailed, ConnectionLost, ConnectionPool
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\": 1}\r\n"
+
+# A handler gets (reader, writer, index of the connection) and serves that connection.
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawServer:
+    """``asyncio.start_server`` on 127.0.0.1; counts connections and the requests it read."""
+
+    def __init__(self, handler: Handler | None = None, tls: ssl.SSLContext | None = None) -> None:
+        # No handler: every connection answers each of its requests with OK.
+        self.handler, self.tls = handler, tls
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        # Handlers still waiting on a connection end here, not in the loop's teardown.
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.connections
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await (self.handler or (lambda r, w, i: self.keep_answering(r, w)))(reader, writer, index)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._handlers.discard(task)
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+            0,
+        )
+        request = head + (await reader.readexactly(length) if length else b"")
+        self.requests.append(request)
+        return request
+
+    async def keep_answering(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes = OK) -> None:
+        while True:
+            await self.read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+
+def _pool(url: str, **kw: float) -> ConnectionPool:
+    return ConnectionPool(
+        url, headers={"Authorization": "Bearer k"}, connect_timeout=kw.get("connect", 2.0), read_timeout=kw.get("read", 5.0)
+    )
+
+
+async def test_requests_reuse_one_keep_alive_connection_and_send_the_default_headers():
+    async with RawServer() as server:
+        pool = _pool(server.url + "/base/")
+        for _ in range(3):
+            response = await pool.request("GET", "/replicate/v1/predictions/p1")
+            assert (response.status, response.body) == (200, b'{"ok": 1}\r\n')
+            assert response.headers["content-type"] == "application/json"
+        await pool.close()
+    assert server.connections == 1
+    first = server.requests[0]
+    assert first.startswith(b"GET /base/replicate/v1/predictions/p1 HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.url.rsplit(':', 1)[1]}".encode() in first
+    assert b"Authorization: Bearer k\r\n" in first
+    assert b"Content-Length" not in first  # a GET without a body
+
+
+async def test_a_post_sends_its_body_with_its_length_and_extra_headers():
+    async with RawServer() as server:
+        pool = _pool(server.url)
+        await pool.request("POST", "/x", body=b'{"input": {}}', headers={"Prefer": "wait=5"}, idempotent=False)
+        await pool.request("POST", "/cancel")
+        await pool.close()
+    created, cancelled = server.requests
+    assert created.endswith(b'Prefer: wait=5\r\nContent-Length: 13\r\n\r\n{"input": {}}')
+    assert b"Content-Length: 0\r\n" in cancelled  # a POST without a body still says so
+
+
+async def test_a_chunked_answer_is_read_whole():
+    server: RawServer
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n5\r\n: 1}\n\r\n0\r\n\r\n"
+
+    async def handler(reader, writer, index):
+        await server.keep_answering(reader, writer, chunked)
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        assert (await pool.request("GET", "/x")).body == b'{"a": 1}\n'
+        assert (await pool.request("GET", "/x")).body == b'{"a": 1}\n'
+        await pool.close()
+    assert server.connections == 1
+
+
+async def test_an_answer_without_length_ends_when_the_server_closes():
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"id\": \"p1\"}")
+        await writer.drain()
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        assert (await pool.request("GET", "/x")).body == b'{"id": "p1"}'
+        assert (await pool.request("GET", "/x")).body == b'{"id": "p1"}'
+        await pool.close()
+    assert server.connections == 2  # a closed connection is never reused
+
+
+async def test_an_answer_cut_off_is_an_error_saying_the_request_was_sent():
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"id\": ")
+        await writer.drain()
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        with pytest.raises(ConnectionLost, match="cut off") as info:
+            await pool.request("GET", "/x")
+        await pool.close()
+    assert info.value.sent and info.value.answered
+
+
+async def test_a_keep_alive_connection_closed_under_a_reused_request_is_retried_once_when_idempotent():
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        if index == 0:
+            await server.read_request(reader)  # the second request on the first connection: hang up on it
+            return
+        await server.keep_answering(reader, writer)
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        await pool.request("GET", "/x")
+        assert (await pool.request("GET", "/x")).status == 200
+        await pool.close()
+    assert server.connections == 2
+    assert len(server.requests) == 3  # sent, lost, sent again on a new connection
+
+
+async def test_a_create_is_never_sent_twice_when_its_connection_closes_under_it():
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await server.read_request(reader)  # hang up on the second request
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        await pool.request("GET", "/x")
+        with pytest.raises(ConnectionLost, match="before any answer") as info:
+            await pool.request("POST", "/create", body=b"{}", idempotent=False)
+        await pool.close()
+    assert info.value.sent  # it may have reached the server: the hook reports an ambiguous create
+    assert len(server.requests) == 2
+
+
+async def test_a_create_does_not_reuse_a_connection_idle_for_long(monkeypatch):
+    monkeypatch.setattr(_http1, "FRESH", 0.05)
+    async with RawServer() as server:
+        pool = _pool(server.url)
+        await pool.request("GET", "/x")
+        await asyncio.sleep(0.1)
+        await pool.request("POST", "/create", body=b"{}", idempotent=False)
+        await pool.request("GET", "/x")  # a GET still takes an idle connection
+        await pool.close()
+    assert server.connections == 2
+
+
+async def test_idle_connections_expire(monkeypatch):
+    monkeypatch.setattr(_http1, "IDLE_TIMEOUT", 0.05)
+    async with RawServer() as server:
+        pool = _pool(server.url)
+        await pool.request("GET", "/x")
+        await asyncio.sleep(0.1)
+        await pool.request("GET", "/x")
+        await pool.close()
+    assert server.connections == 2
+
+
+async def test_no_answer_within_the_read_timeout():
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        await asyncio.sleep(30)
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url, read=5.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(AnswerTimeout, match="0.2 s") as info:
+            await pool.request("GET", "/x", read_timeout=0.2)
+        assert 0.15 < loop.time() - started < 2
+        assert info.value.sent
+        await pool.close()
+
+
+async def test_a_refused_connection_says_nothing_was_sent():
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    pool = _pool(f"http://127.0.0.1:{port}")
+    with pytest.raises(ConnectFailed) as info:
+        await pool.request("POST", "/create", body=b"{}", idempotent=False)
+    assert not info.value.sent
+
+
+@pytest.mark.parametrize(
+    "answer, match",
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not valid HTTP"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n" + b"x" * 65536, "not valid HTTP"),
+    ],
+    ids=["not-http", "too-large"],
+)
+async def test_garbage_and_oversized_answers_are_errors(monkeypatch, answer, match):
+    monkeypatch.setattr(_http1, "MAX_BODY", 1024)
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        with pytest.raises(ConnectionLost, match=match):
+            await pool.request("GET", "/x")
+        await pool.close()
+
+
+async def test_a_cancelled_request_does_not_leave_its_connection_for_the_next():
+    server: RawServer
+    slow = asyncio.Event()
+
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        if index == 0:
+            await slow.wait()  # answers only after the client gave up
+        writer.write(OK)
+        await writer.drain()
+        await server.keep_answering(reader, writer)
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        task = asyncio.create_task(pool.request("GET", "/slow"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        slow.set()
+        assert (await pool.request("GET", "/x")).body == b'{"ok": 1}\r\n'
+        await pool.close()
+    assert server.connections == 2
+
+
+def test_a_header_with_a_line_break_is_refused():
+    with pytest.raises(ValueError, match="line break"):
+        ConnectionPool("http://127.0.0.1:1", headers={"Authorization": "Bearer k\r\nX-Evil: 1"}, connect_timeout=1, read_timeout=1)
+
+
+async def test_tls_verifies_the_server_certificate(tmp_path, monkeypatch):
+    from benchmarks._tls_proxy import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    async with RawServer(tls=tls) as server:
+        untrusting = _pool(server.url)  # the system's CAs do not know this self-signed certificate
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.request("GET", "/x")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusting = _pool(server.url)
+        for _ in range(2):
+            assert (await trusting.request("GET", "/x")).status == 200
+        await trusting.close()
+    assert server.connections == 1  # the refused handshake never got that far; one connection for both
