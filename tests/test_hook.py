@@ -166,6 +166,14 @@ def test_truncated_json_is_a_clear_error(scripted, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_an_answer_about_another_prediction_is_an_error(scripted, mode):
+    scripted.script(Answer(200, prediction("p2", status="succeeded", output=["https://x.example/p2.webp"])))
+    with pytest.raises(CometAPIResponseError, match="p1 with prediction 'p2'") as info:
+        get(mode, "p1")
+    assert not info.value.retryable  # the waiting loops count it as an answer that made no sense
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_error_envelope_with_200_is_an_error(scripted, mode):
     scripted.script(Answer(200, envelope("quota exhausted", "insufficient_quota")))
     with pytest.raises(CometAPIResponseError, match="quota exhausted"):

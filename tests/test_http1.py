@@ -8,13 +8,15 @@ close-delimited bodies, answers cut off, keep-alive connections closed under a r
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from airflow_comet.hooks import _http1
-from airflow_comet.hooks._http1 import AnswerTimeout, ConnectFailed, ConnectionLost, ConnectionPool
+from airflow_comet.hooks._http1 import AnswerTimeout, ConnectFailed, ConnectionLost, ConnectionPool, PoolClosed
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\": 1}\r\n"
 
@@ -138,6 +140,61 @@ async def test_an_answer_without_length_ends_when_the_server_closes():
         assert (await pool.request("GET", "/x")).body == b'{"id": "p1"}'
         await pool.close()
     assert server.connections == 2  # a closed connection is never reused
+
+
+async def test_an_answer_without_length_cut_off_by_a_reset_is_an_error():
+    async def handler(reader, writer, index):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n{\"status\": \"succ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
+        writer.transport.abort()
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        with pytest.raises(ConnectionLost, match="cut off"):
+            await pool.request("GET", "/x")
+        await pool.close()
+
+
+async def test_interim_answers_are_skipped_and_the_real_one_is_returned():
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+
+    async def handler(reader, writer, index):
+        await server.keep_answering(reader, writer, early_hints + OK)
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        for _ in range(2):  # and the connection stays in step for the next request
+            response = await pool.request("GET", "/x")
+            assert (response.status, response.body) == (200, b'{"ok": 1}\r\n')
+        await pool.close()
+    assert server.connections == 1
+
+
+async def test_bytes_after_an_answer_take_the_connection_out_of_the_pool():
+    async def handler(reader, writer, index):
+        await server.keep_answering(reader, writer, OK + b"HTTP/1.1 200 OK\r\nContent-Le")
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url)
+        assert (await pool.request("GET", "/x")).status == 200
+        assert (await pool.request("GET", "/x")).status == 200  # on a new connection, not out of step
+        await pool.close()
+    assert server.connections == 2
+
+
+async def test_a_closed_pool_refuses_requests_with_a_transport_error():
+    async with RawServer() as server:
+        pool = _pool(server.url)
+        await pool.request("GET", "/x")
+        await pool.close()
+        with pytest.raises(PoolClosed) as info:
+            await pool.request("GET", "/x")
+    assert not info.value.sent
+    assert server.connections == 1
 
 
 async def test_an_answer_cut_off_is_an_error_saying_the_request_was_sent():
@@ -298,9 +355,25 @@ async def test_a_cancelled_request_does_not_leave_its_connection_for_the_next():
     assert server.connections == 2
 
 
-def test_a_header_with_a_line_break_is_refused():
-    with pytest.raises(ValueError, match="line break"):
-        ConnectionPool("http://127.0.0.1:1", headers={"Authorization": "Bearer k\r\nX-Evil: 1"}, connect_timeout=1, read_timeout=1)
+@pytest.mark.parametrize(
+    "headers, match",
+    [
+        ({"Authorization": "Bearer sk-secret\r\nX-Evil: 1"}, "line break"),
+        ({"Authorization": "Bearer sk-s\u00e9cret\u2019"}, "not Latin-1"),
+        ({"Bad Name": "x"}, "not a header name"),
+    ],
+)
+def test_headers_that_cannot_be_sent_are_refused_without_showing_the_value(headers, match):
+    with pytest.raises(ValueError, match=match) as info:
+        ConnectionPool("http://127.0.0.1:1", headers=headers, connect_timeout=1, read_timeout=1)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("method, path", [("HEAD", "/x"), ("GET", "/x y"), ("GET", "/x\r\nHost: evil"), ("GET", "x")])
+async def test_requests_that_would_change_on_the_wire_are_refused(method, path):
+    pool = _pool("http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="cannot send"):
+        await pool.request(method, path)
 
 
 async def test_tls_verifies_the_server_certificate(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ proxies (the aiohttp session before it did not read them either), compression (n
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -22,10 +23,20 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["AnswerTimeout", "ConnectFailed", "ConnectionLost", "ConnectionPool", "HTTPTransportError", "Response"]
+__all__ = [
+    "AnswerTimeout",
+    "ConnectFailed",
+    "ConnectionLost",
+    "ConnectionPool",
+    "HTTPTransportError",
+    "PoolClosed",
+    "Response",
+]
 
 #: An answer larger than this is no CometAPI JSON object: the connection is dropped instead of buffering it.
 MAX_BODY = 16 * 1024 * 1024
+#: The same for the answer's headers, all together.
+MAX_HEADERS = 64 * 1024
 #: Idle connections are not reused after this long (aiohttp's default too): servers close idle keep-alive
 #: connections after a while, and a request sent just as one closes fails.
 IDLE_TIMEOUT = 15.0
@@ -60,6 +71,12 @@ class AnswerTimeout(HTTPTransportError):
     """The request was sent and no complete answer came within the read timeout."""
 
 
+class PoolClosed(HTTPTransportError):
+    """The pool was closed (its hook let go of it) before the request could be sent."""
+
+    sent = False
+
+
 class ConnectionLost(HTTPTransportError):
     """The connection closed before the answer was complete (or the answer was not valid HTTP)."""
 
@@ -81,6 +98,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
+        self._header_size = 0
         self._headers_done = False
         self._answered = False
         self.keep_alive = False
@@ -91,7 +109,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Response]:
         self._waiter = loop.create_future()
-        self._headers, self._body, self._size = {}, [], 0
+        self._headers, self._body, self._size, self._header_size = {}, [], 0, 0
         self._headers_done = self._answered = self.keep_alive = False
         assert self.transport is not None
         self.transport.write(data)
@@ -131,12 +149,19 @@ class _Connection(asyncio.Protocol):
             self._fail(ConnectionLost(f"the answer is not valid HTTP ({error})", answered=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        closed_by_us, self.closed = self.closed, True
         self._pool._forget(self)
         if self._waiter is None:
             return
-        if self._headers_done and "content-length" not in self._headers and not self._chunked():
-            # No length and not chunked: the body is what came before the server closed (RFC 9112, 6.3).
+        if (
+            self._headers_done
+            and "content-length" not in self._headers
+            and not self._chunked()
+            and exc is None
+            and not closed_by_us
+        ):
+            # No length and not chunked: the body is what came before the server closed it (RFC 9112, 6.3);
+            # a reset, or our own close, cuts it off instead.
             self._complete()
             return
         reason = f" ({type(exc).__name__}: {exc})" if exc else ""
@@ -145,11 +170,22 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # An answer to no request (bytes after the last one): this connection is out of step for good.
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_size += len(name) + len(value)
+        if self._header_size > MAX_HEADERS:
+            raise ValueError(f"the answer's headers are larger than {MAX_HEADERS} bytes")
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        length = self._headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            raise ValueError(f"the answer is larger than {MAX_BODY} bytes")
 
     def on_body(self, chunk: bytes) -> None:
         self._size += len(chunk)
@@ -158,7 +194,12 @@ class _Connection(asyncio.Protocol):
         self._body.append(chunk)
 
     def on_message_complete(self) -> None:
-        self.keep_alive = self._parser.should_keep_alive()
+        if 100 <= self._parser.get_status_code() < 200:
+            # An interim answer (103 Early Hints from Cloudflare, 100 Continue): the real one follows.
+            self._headers, self._body, self._size, self._header_size = {}, [], 0, 0
+            self._headers_done = False
+            return
+        self.keep_alive = self._parser.should_keep_alive() and self._waiter is not None
         self._complete()
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -191,10 +232,11 @@ class ConnectionPool:
             raise ValueError(f"not an http(s) base URL: {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        # The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR honoured), hostname checked: as aiohttp and requests.
+        # The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR honoured), hostname checked: as aiohttp did.
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
         self._head = f"Host: {parts.netloc}\r\n{_header_lines(headers)}"
+        self._head.encode("latin-1")  # checked now: _header_lines refuses what cannot be sent
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: list[_Connection] = []  # most recently used last
@@ -219,16 +261,16 @@ class ConnectionPool:
             any other request reuses only a connection that was busy a moment ago (it cannot be sent again
             when that fails: it may have reached the server).
         """
-        if self.closed:
-            raise RuntimeError("the connection pool is closed")
         data = self._encode(method, path, body, headers)
+        if self.closed:
+            raise PoolClosed("the connection pool was closed")
         timeout = self._read_timeout if read_timeout is None else read_timeout
         conn = self._take_idle(IDLE_TIMEOUT if idempotent else FRESH)
         if conn is not None:
             try:
                 return await self._exchange(conn, data, timeout)
             except ConnectionLost as error:
-                if error.answered or not idempotent:
+                if error.answered or not idempotent or self.closed:
                     raise
         return await self._exchange(await self._connect(), data, timeout)
 
@@ -242,6 +284,10 @@ class ConnectionPool:
     # -- internals ---------------------------------------------------------------------------------------
 
     def _encode(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None) -> bytes:
+        if method not in _METHODS or not _PATH.match(path):
+            # HEAD would wait for a body that never comes; a space or line break in the path would change
+            # the request (callers validate ids; this is the last line).
+            raise ValueError(f"cannot send {method!r} {path!r}")
         head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._head}"
         if headers:
             head += _header_lines(headers)
@@ -276,8 +322,10 @@ class ConnectionPool:
         if not idle:
             return None
         now = time.monotonic()
-        while idle and idle[0].idle_since < now - IDLE_TIMEOUT:  # the oldest come first
+        while idle and (idle[0].idle_since < now - IDLE_TIMEOUT or idle[0].closed):  # the oldest come first
             idle.pop(0).close()
+        while idle and idle[-1].closed:  # failed while idle, before connection_lost has run
+            idle.pop()
         if idle and idle[-1].idle_since >= now - max_idle:
             return idle.pop()
         return None
@@ -287,8 +335,15 @@ class ConnectionPool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(self), self._host, self._port, ssl=self._ssl,
+                    lambda: _Connection(self),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
+                    # Happy Eyeballs (RFC 8305), as aiohttp: where IPv6 silently drops packets, IPv4 is tried
+                    # after 0.25 s instead of after the whole connect timeout.
+                    happy_eyeballs_delay=0.25,
+                    interleave=1,
                 ),
                 self._connect_timeout,
             )
@@ -298,7 +353,7 @@ class ConnectionPool:
             raise ConnectFailed(f"{type(error).__name__}: {error}") from None
         if self.closed:
             conn.close()
-            raise RuntimeError("the connection pool is closed")
+            raise PoolClosed("the connection pool was closed")
         return conn
 
     def _forget(self, conn: _Connection) -> None:
@@ -309,11 +364,23 @@ class ConnectionPool:
             pass
 
 
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+_PATH = re.compile(r"/[!-~]*\Z")  # printable ASCII, no spaces
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a header name (RFC 9110, 5.6.2)
+
+
 def _header_lines(headers: Mapping[str, str]) -> str:
     lines = []
     for name, value in headers.items():
-        if any(c in f"{name}{value}" for c in "\r\n\0"):
+        # Never the value in the message: it may be the key.
+        if not _TOKEN.match(name):
+            raise ValueError(f"{name!r} is not a header name")
+        if any(c in value for c in "\r\n\0"):
             # A line break would let a value smuggle headers (or a second request) onto the connection.
             raise ValueError(f"header {name!r} holds a line break")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"header {name!r} holds characters HTTP cannot carry (not Latin-1)") from None
         lines.append(f"{name}: {value}\r\n")
     return "".join(lines)

@@ -348,11 +348,11 @@ class CometAPIHook(HttpHook):
 
     def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         """Return the prediction object for ``prediction_id``."""
-        return self._request("GET", protocol.prediction_path(prediction_id))
+        return _about(prediction_id, self._request("GET", protocol.prediction_path(prediction_id)))
 
     async def aget_prediction(self, prediction_id: str) -> dict[str, Any]:
         """Async :meth:`get_prediction`."""
-        return await self._arequest("GET", protocol.prediction_path(prediction_id))
+        return _about(prediction_id, await self._arequest("GET", protocol.prediction_path(prediction_id)))
 
     def cancel_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         """Ask CometAPI to cancel a prediction (best effort: cancel is not documented by CometAPI).
@@ -430,6 +430,18 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
+
+
+def _about(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
+    """``prediction`` if it is the one asked for: an answer out of step (a proxy, a connection that lost
+    track) must never give one prediction another's status or outputs."""
+    other = prediction.get("id")
+    if other is not None and other != prediction_id:
+        raise CometAPIResponseError(
+            f"CometAPI answered the status query of prediction {prediction_id} with prediction {other!r}",
+            status_code=200,
+        )
+    return prediction
 
 
 def _transport_error(method: str, path: str, what: str, error: BaseException, *, maybe_sent: bool) -> CometAPITransportError:
