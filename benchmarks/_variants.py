@@ -65,3 +65,25 @@ def wide_batches(checks_per_worker: int = 16, slack: float = 0.05) -> None:
 def narrow_batches() -> None:
     """A suggestion measured: one check per worker and a fine timer (the other direction)."""
     wide_batches(checks_per_worker=1, slack=0.005)
+
+
+def quiet_first_status() -> None:
+    """A suggestion measured, not shipped: no INFO line for a prediction's first status (one log line per
+    prediction instead of two; the line that says how the wait ended stays)."""
+    from airflow_comet.triggers.prediction import PredictionTrigger
+
+    base = PredictionTrigger.log
+
+    class Quiet:
+        def __init__(self, log):  # type: ignore[no-untyped-def]
+            self._log = log
+
+        def info(self, msg, *args):  # type: ignore[no-untyped-def]
+            if msg.startswith("Prediction %s is"):
+                return
+            self._log.info(msg, *args)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self._log, name)
+
+    PredictionTrigger.log = property(lambda self: Quiet(base.__get__(self)))  # type: ignore[assignment]
