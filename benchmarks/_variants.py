@@ -67,23 +67,50 @@ def narrow_batches() -> None:
     wide_batches(checks_per_worker=1, slack=0.005)
 
 
-def quiet_first_status() -> None:
-    """A suggestion measured, not shipped: no INFO line for a prediction's first status (one log line per
-    prediction instead of two; the line that says how the wait ended stays)."""
-    from airflow_comet.triggers.prediction import PredictionTrigger
 
-    base = PredictionTrigger.log
+def aiohttp_transport() -> None:
+    """The hook's async requests over aiohttp, as before ``hooks/_http1.py`` (one shared ClientSession per
+    connection and loop, as it was built): everything else (budget, parsing, the shared poller) unchanged,
+    so the two transports can be compared in one run."""
+    import asyncio
 
-    class Quiet:
-        def __init__(self, log):  # type: ignore[no-untyped-def]
-            self._log = log
+    import aiohttp
 
-        def info(self, msg, *args):  # type: ignore[no-untyped-def]
-            if msg.startswith("Prediction %s is"):
-                return
-            self._log.info(msg, *args)
+    from airflow_comet.hooks import _http1, cometapi
 
-        def __getattr__(self, name):  # type: ignore[no-untyped-def]
-            return getattr(self._log, name)
+    class AiohttpPool:
+        def __init__(self, settings) -> None:  # type: ignore[no-untyped-def]
+            self._base = settings.base_url
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+                ),
+                headers={
+                    "Authorization": f"Bearer {settings.api_key}",
+                    "User-Agent": cometapi.USER_AGENT,
+                    "Accept": "application/json",
+                },
+            )
 
-    PredictionTrigger.log = property(lambda self: Quiet(base.__get__(self)))  # type: ignore[assignment]
+        @property
+        def closed(self) -> bool:
+            return self._session.closed
+
+        async def close(self) -> None:
+            await self._session.close()
+
+        async def request(self, method, path, *, body=None, headers=None, read_timeout=None, idempotent=True):  # type: ignore[no-untyped-def]
+            try:
+                async with self._session.request(
+                    method, self._base + path, data=body, headers=dict(headers or {}), allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout),
+                ) as response:
+                    return _http1.Response(response.status, response.headers, await response.read())  # type: ignore[arg-type]
+            except aiohttp.ClientConnectorError as error:
+                raise _http1.ConnectFailed(str(error)) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                raise _http1.ConnectionLost(str(error), answered=True) from None
+
+    cometapi.new_connection_pool = AiohttpPool  # type: ignore[assignment]
