@@ -2,8 +2,9 @@
 
 A trigger that sleeps and polls on its own wakes the event loop, and its own task, for every status check.
 With thousands of triggers that costs CPU and leaves a timer and a hook per trigger for the garbage
-collector to walk (benchmarks/RESULTS.md: per check about 0.9 ms above an idle trigger's floor that way,
-0.71 ms here; 41 objects per waiting trigger instead of 49). So triggers hand their predictions here:
+collector to walk (benchmarks/RESULTS.md, measured when this came: per check about 0.9 ms above an idle
+trigger's floor that way, 0.71 ms here; 41 objects per waiting trigger instead of 49). So triggers hand
+their predictions here:
 
 - one timer for the whole connection over a heap of due times; when it fires, every check due within
   :data:`SLACK` seconds is queued (a check may go a few hundredths of a second early or late; the schedule
