@@ -92,11 +92,11 @@ class PredictionTrigger(BaseTrigger):
                     yield TriggerEvent(outcome.event)
                     return
                 if outcome.new_status:
-                    # DEBUG, the first status too: the worker logged the create's status just before
-                    # deferring, the INFO line above says how the wait ended, and a log line costs the
-                    # triggerer about as much CPU as two status checks (two INFO lines per prediction were
-                    # 10 % of its CPU at N = 1,000: benchmarks/RESULTS.md).
-                    self.log.debug("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                    # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
+                    # costs the triggerer more CPU than a status request, and the INFO line above says
+                    # how the wait ended.
+                    log = self.log.info if outcome.previous_status is None else self.log.debug
+                    log("Prediction %s is %s", self.prediction_id, outcome.new_status)
                 elif outcome.problem:
                     self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         except (asyncio.CancelledError, GeneratorExit):
