@@ -97,7 +97,7 @@ async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
     # Each trigger's task woke for its first status, maybe one change, and its end: not for every check.
     assert polls >= 4 * 40
     assert len(told) <= 3 * 40
-    # Everything let go: nothing followed, no worker left, the session closed with its last user.
+    # Everything let go: nothing followed, no worker left, the pool closed with its last user.
     await asyncio.sleep(0.1)
     assert poller.following == 0 and poller.in_flight == 0
     assert not _ratelimit._pools  # the pool closed with its last user

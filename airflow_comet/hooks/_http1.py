@@ -14,6 +14,7 @@ proxies (the aiohttp session before it did not read them either), compression (n
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
 import time
@@ -99,6 +100,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._header_size = 0
+        self._refused: str | None = None  # why a callback refused the answer (httptools hides the reason)
         self._headers_done = False
         self._answered = False
         self.keep_alive = False
@@ -111,6 +113,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = loop.create_future()
         self._headers, self._body, self._size, self._header_size = {}, [], 0, 0
         self._headers_done = self._answered = self.keep_alive = False
+        self._refused = None
         assert self.transport is not None
         self.transport.write(data)
         return self._waiter
@@ -146,7 +149,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except Exception as error:  # noqa: BLE001 - httptools' parse errors, or a callback's below
-            self._fail(ConnectionLost(f"the answer is not valid HTTP ({error})", answered=True))
+            reason = self._refused or f"the answer is not valid HTTP ({error})"
+            self._fail(ConnectionLost(reason, answered=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
         closed_by_us, self.closed = self.closed, True
@@ -178,19 +182,19 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_size += len(name) + len(value)
         if self._header_size > MAX_HEADERS:
-            raise ValueError(f"the answer's headers are larger than {MAX_HEADERS} bytes")
+            self._refuse(f"the answer's headers are larger than {MAX_HEADERS} bytes")
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
         length = self._headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY:
-            raise ValueError(f"the answer is larger than {MAX_BODY} bytes")
+            self._refuse(f"the answer is larger than {MAX_BODY} bytes")
 
     def on_body(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._size > MAX_BODY:
-            raise ValueError(f"the answer is larger than {MAX_BODY} bytes")
+            self._refuse(f"the answer is larger than {MAX_BODY} bytes")
         self._body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -203,6 +207,11 @@ class _Connection(asyncio.Protocol):
         self._complete()
 
     # -- internals ---------------------------------------------------------------------------------------
+
+    def _refuse(self, reason: str) -> None:
+        # Raising stops the parser; feed_data then raises httptools' "User callback error", not this.
+        self._refused = reason
+        raise ValueError(reason)
 
     def _chunked(self) -> bool:
         return "chunked" in self._headers.get("transfer-encoding", "").lower()
@@ -232,8 +241,7 @@ class ConnectionPool:
             raise ValueError(f"not an http(s) base URL: {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        # The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR honoured), hostname checked: as aiohttp did.
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl = _tls_context() if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
         self._head = f"Host: {parts.netloc}\r\n{_header_lines(headers)}"
         self._head.encode("latin-1")  # checked now: _header_lines refuses what cannot be sent
@@ -299,10 +307,9 @@ class ConnectionPool:
     async def _exchange(self, conn: _Connection, data: bytes, timeout: float) -> Response:
         loop = asyncio.get_running_loop()
         self._busy.add(conn)
-        waiter = conn.send(data, loop)
         timer = loop.call_later(timeout, conn.time_out, timeout)
         try:
-            response = await waiter
+            response = await conn.send(data, loop)
         except BaseException:  # noqa: BLE001 - cancelled or failed: the answer may still come, on nothing
             conn.close()
             raise
@@ -324,8 +331,8 @@ class ConnectionPool:
         now = time.monotonic()
         while idle and (idle[0].idle_since < now - IDLE_TIMEOUT or idle[0].closed):  # the oldest come first
             idle.pop(0).close()
-        while idle and idle[-1].closed:  # failed while idle, before connection_lost has run
-            idle.pop()
+        while idle and (idle[-1].closed or _closing(idle[-1])):  # closed before connection_lost has run
+            idle.pop().close()
         if idle and idle[-1].idle_since >= now - max_idle:
             return idle.pop()
         return None
@@ -362,6 +369,26 @@ class ConnectionPool:
             self._idle.remove(conn)
         except ValueError:
             pass
+
+
+def _closing(conn: _Connection) -> bool:
+    # The server's FIN can be read before connection_lost runs: a request written then goes nowhere.
+    return conn.transport is None or conn.transport.is_closing()
+
+
+_tls_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The system's CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured), hostname checked, as aiohttp did.
+
+    Built once per CA setting: loading the CAs takes ~20 ms of the event loop, and a pool is rebuilt
+    whenever its last hook let go of it or the key changed."""
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    context = _tls_contexts.get(key)
+    if context is None:
+        context = _tls_contexts[key] = ssl.create_default_context()
+    return context
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})

@@ -7,7 +7,7 @@ prediction), so this state cannot live in a hook: every hook of one event loop g
 (:func:`shared_pool`) for the same connection.
 
 - With a rate (the connection extra ``max_requests_per_second``), requests leave evenly spaced, a little
-  over ``1 / rate`` apart, and in the order they asked (FIFO): no poll starves, and no burst reaches the
+  over ``1 / rate`` apart, and in the order they asked (FIFO, but for urgent ones): no poll starves, and no burst reaches the
   server after a quiet spell. An *urgent* request (a cancel: ``on_kill`` has about 25 s, and at a low
   rate dozens of status checks can be queued) takes the next slot ahead of the queue, never more slots.
 - With or without a rate, a ``429`` with ``Retry-After`` pauses every user of the connection, not only
@@ -48,7 +48,7 @@ HEADROOM = 0.05
 
 
 class RequestBudget:
-    """Evenly spaced, first-come first-served request slots for one connection in one event loop.
+    """Evenly spaced, first-come first-served request slots (urgent ones first) for one connection and loop.
 
     :param rate: Requests per second; ``None`` means no limit (only :meth:`pause` holds requests back).
     """

@@ -21,7 +21,7 @@ from airflow_comet.exceptions import (
     CometAPITransportError,
 )
 from airflow_comet.hooks import _protocol as protocol
-from airflow_comet.hooks._http1 import ConnectionPool, HTTPTransportError
+from airflow_comet.hooks._http1 import ConnectionPool, HTTPTransportError, PoolClosed
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
 from airflow_comet.hooks._ratelimit import release_pool, request_budget, shared_pool
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
@@ -281,6 +281,8 @@ class CometAPIHook(HttpHook):
             )
         except HTTPTransportError as e:
             what = "no complete answer" if e.sent else "connection failed"
+            if isinstance(e, PoolClosed):
+                what = "not sent: the connection pool was closed"
             raise _transport_error(method, path, what, e, maybe_sent=e.sent) from None
         try:
             return self._parse(settings, method, path, response.status, response.headers, response.body)
