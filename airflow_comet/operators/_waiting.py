@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 #: XCom key of the final prediction object (the operator's ``return_value`` is always the id).
 XCOM_PREDICTION = "prediction"
+#: XCom key of the prediction a deferred task waits for, pushed before deferring (see ``pre_execute``).
+XCOM_DEFERRED_PREDICTION_ID = "deferred_prediction_id"
 
 
 class PredictionWaitMixin:
@@ -63,10 +65,16 @@ class PredictionWaitMixin:
         # execution_timeout against the first start on resume and, when it passed while the task was deferred,
         # raises AirflowTaskTimeout and calls on_kill without ever calling execute_complete: on_kill must then
         # know which prediction to cancel.
-        kwargs = getattr(context.get("ti"), "next_kwargs", None)
+        ti = context.get("ti")
+        kwargs = getattr(ti, "next_kwargs", None)
         event = kwargs.get("event") if isinstance(kwargs, dict) else None
         if isinstance(event, dict) and isinstance(event.get("prediction_id"), str):
             self.prediction_id = event["prediction_id"]
+        elif getattr(ti, "next_method", None) and not getattr(self, "prediction_id", None):
+            # Resumed without the trigger's event: Airflow 2's scheduler fails a deferred task whose
+            # execution_timeout passed ("__fail__", next_kwargs replaced) when it gets there before the
+            # trigger's own deadline event, or while no triggerer runs. on_kill still has to cancel.
+            self.prediction_id = _deferred_prediction_id(ti)
 
     # -- waiting ----------------------------------------------------------------------------------------
 
@@ -172,6 +180,15 @@ class PredictionWaitMixin:
             self.log.info("Cancelled prediction %s", prediction_id)
         except Exception as error:  # noqa: BLE001 - on_kill is best effort
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+
+
+def _deferred_prediction_id(ti: Any) -> str | None:
+    """The id this task instance pushed before deferring (its own XCom, kept across the resume)."""
+    try:
+        value = ti.xcom_pull(task_ids=ti.task_id, key=XCOM_DEFERRED_PREDICTION_ID, map_indexes=ti.map_index)
+    except Exception:  # noqa: BLE001 - best effort: on_kill then has nothing to cancel, as before
+        return None
+    return value if isinstance(value, str) else None
 
 
 def created_epoch(prediction: dict[str, Any]) -> float:

@@ -14,7 +14,7 @@ from airflow_comet.exceptions import CometAPINotFoundError, CometAPIResponseErro
 from airflow_comet.file_inputs import FILE_INPUT_KEYS, resolve_file_inputs
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
-from airflow_comet.operators._waiting import XCOM_PREDICTION, PredictionWaitMixin
+from airflow_comet.operators._waiting import XCOM_DEFERRED_PREDICTION_ID, XCOM_PREDICTION, PredictionWaitMixin
 from airflow_comet.polling import is_terminal
 from airflow_comet.validation import (
     is_templated,
@@ -120,6 +120,8 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
 
         end_time, is_task_timeout = self._deadline(context, self.timeout)
         if not is_terminal(prediction) and self.deferrable:
+            # Read back in pre_execute when Airflow resumes the task without the trigger's event.
+            context["ti"].xcom_push(key=XCOM_DEFERRED_PREDICTION_ID, value=prediction["id"])
             self.defer(
                 trigger=self._trigger(prediction, end_time),
                 method_name="execute_complete",

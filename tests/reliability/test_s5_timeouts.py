@@ -77,3 +77,49 @@ def test_never_finishing_predictions_fail_at_the_deadline_and_are_cancelled(
         seconds=round(time.monotonic() - t0, 1),
         **figures,
     )
+
+
+@pytest.mark.skipif(
+    AIRFLOW33, reason="Airflow 3 never fails a deferred task for its execution_timeout in the scheduler"
+)
+def test_scheduler_timing_out_a_deferred_task_without_its_event_still_cancels(
+    basic_deployment: AirflowDeployment, request: pytest.FixtureRequest
+) -> None:
+    """Airflow 2 sets a deferred task's trigger_timeout to start + execution_timeout, and the scheduler fails it
+    ("__fail__", the event's kwargs replaced) when that passes before the trigger's own deadline event lands:
+    with no triggerer running here, every time; with one, when the scheduler's check comes first (seen in CI).
+    The resumed task times out at once and calls on_kill, which must still know the prediction to cancel."""
+    dep = basic_deployment
+    dag_id = "rel_timeouts_no_event"
+    t0 = time.monotonic()
+    sim = fresh_simulator(dep, never_finish=True)
+    triggerers = [name for name, c in dep.components.items() if name.startswith("triggerer-") and c.alive]
+    assert triggerers, "the deployment runs no triggerer"
+    for name in triggerers:
+        dep.stop_component(name)
+    try:
+        run_id = start_run(dep, dag_id)
+        run = dep.wait_for_run(dag_id, run_id, timeout=120)
+    finally:
+        for name in triggerers:
+            dep.restart_component(name)
+    requests = sim.requests()
+    assert run["state"] == "failed"
+    made = [c["prediction_id"] for c in creates(requests)]
+    assert len(made) == 1, made
+    cancelled = [c["prediction_id"] for c in cancels(requests)]
+    assert cancelled == made, f"the prediction cancelled exactly once: {cancelled}"
+    assert {p["status"] for p in sim.predictions()} == {"canceled"}
+    exc_type, message = task_error(dep, dag_id, run_id, "execution_timeout")
+    assert exc_type == "AirflowTaskTimeout", (exc_type, message)
+    text = "\n".join(p.read_text() for p in dep.task_log_files(dag_id, run_id, "execution_timeout"))
+    assert "Cancelled prediction" in text, text[-3000:]
+    report(
+        request,
+        "5b",
+        airflow=".".join(map(str, VERSION)),
+        outcome="no triggerer: the scheduler failed the deferred task at its execution_timeout; on_kill cancelled",
+        creates=len(made),
+        cancels=len(cancelled),
+        seconds=round(time.monotonic() - t0, 1),
+    )
