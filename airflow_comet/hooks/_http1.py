@@ -7,20 +7,25 @@ This client does only what the hook needs: requests to one host, one at a time p
 pool of keep-alive connections, with a connect timeout and a read timeout, TLS for ``https``. The answers
 are parsed by httptools (llhttp, the parser behind uvicorn): nothing here parses HTTP by hand.
 
+Through an ``http://`` proxy when one is given (the hook picks it as requests does for the worker: the
+connection's ``proxies`` extra, else ``HTTPS_PROXY`` and friends, ``NO_PROXY`` honoured): an ``https`` host
+through a ``CONNECT`` tunnel, so the proxy never sees the key; an ``http`` one with absolute request targets.
+
 Left out on purpose: redirects (never followed, so the key only ever goes to the connection's host),
-proxies (the aiohttp session before it did not read them either), compression (never asked for), cookies.
+``https://`` proxies, compression (never asked for), cookies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import ssl
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -231,19 +236,41 @@ class ConnectionPool:
     :param headers: Sent with every request (the key, the user agent).
     :param connect_timeout: Seconds to open a connection (TLS handshake included).
     :param read_timeout: Seconds from sending a request to the end of its answer, unless a request says.
+    :param proxy: ``http://[user:password@]host[:port]`` to go through, or ``None``.
+    :param verify: Check the server's certificate against the system's CAs (``True``), a CA bundle file or
+        directory (a path), or not at all (``False``), as requests' ``verify``.
     """
 
     def __init__(
-        self, base_url: str, *, headers: Mapping[str, str], connect_timeout: float, read_timeout: float
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str],
+        connect_timeout: float,
+        read_timeout: float,
+        proxy: str | None = None,
+        verify: bool | str = True,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) base URL: {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = _tls_context() if parts.scheme == "https" else None
+        self._ssl = _tls_context(verify) if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
-        self._head = f"Host: {parts.netloc}\r\n{_header_lines(headers)}"
+        self._proxy: tuple[str, int] | None = None
+        self._tunnel: bytes | None = None  # the CONNECT request, for an https host behind a proxy
+        head = f"Host: {parts.netloc}\r\n{_header_lines(headers)}"
+        if proxy:
+            self._proxy, credentials = _parse_proxy(proxy)
+            if self._ssl is not None:
+                target = f"{_bracketed(self._host)}:{self._port}"
+                self._tunnel = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{credentials}\r\n".encode("latin-1")
+            else:
+                # Plain http through a proxy: absolute request targets, the proxy's credentials on each request.
+                self._prefix = f"http://{parts.netloc}{self._prefix}"
+                head += credentials
+        self._head = head
         self._head.encode("latin-1")  # checked now: _header_lines refuses what cannot be sent
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -340,27 +367,56 @@ class ConnectionPool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl else None,
-                    # Happy Eyeballs (RFC 8305), as aiohttp: where IPv6 silently drops packets, IPv4 is tried
-                    # after 0.25 s instead of after the whole connect timeout.
-                    happy_eyeballs_delay=0.25,
-                    interleave=1,
-                ),
-                self._connect_timeout,
-            )
+            if self._tunnel is not None:
+                conn = await asyncio.wait_for(self._open_tunnel(loop), self._connect_timeout)
+            else:
+                host, port = self._proxy or (self._host, self._port)
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: _Connection(self),
+                        host,
+                        port,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._ssl else None,
+                        # Happy Eyeballs (RFC 8305), as aiohttp: where IPv6 silently drops packets, IPv4 is
+                        # tried after 0.25 s instead of after the whole connect timeout.
+                        happy_eyeballs_delay=0.25,
+                        interleave=1,
+                    ),
+                    self._connect_timeout,
+                )
         except asyncio.TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
+            raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s{self._via()}") from None
         except OSError as error:  # refused, unreachable, unknown host, TLS (ssl.SSLError is an OSError)
-            raise ConnectFailed(f"{type(error).__name__}: {error}") from None
+            raise ConnectFailed(f"{type(error).__name__}: {error}{self._via()}") from None
         if self.closed:
             conn.close()
             raise PoolClosed("the connection pool was closed")
+        return conn
+
+    def _via(self) -> str:
+        return f" (through the proxy {self._proxy[0]}:{self._proxy[1]})" if self._proxy else ""
+
+    async def _open_tunnel(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """A TLS connection to the host through the proxy's ``CONNECT`` tunnel (the proxy sees no request)."""
+        assert self._proxy is not None and self._tunnel is not None and self._ssl is not None
+        transport, tunnel = await loop.create_connection(
+            _TunnelAnswer, *self._proxy, happy_eyeballs_delay=0.25, interleave=1
+        )
+        try:
+            transport.write(self._tunnel)
+            head = await tunnel.head
+            status = head.split(b" ", 2)[1:2]
+            if status != [b"200"]:
+                line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")[:200]
+                raise ConnectFailed(f"the proxy refused the tunnel to {self._host}:{self._port} ({line})")
+            conn = _Connection(self)
+            tls = await loop.start_tls(transport, conn, self._ssl, server_hostname=self._host)
+        except BaseException:
+            transport.abort()
+            raise
+        assert tls is not None
+        conn.connection_made(tls)  # start_tls does not call it
         return conn
 
     def _forget(self, conn: _Connection) -> None:
@@ -371,24 +427,71 @@ class ConnectionPool:
             pass
 
 
+class _TunnelAnswer(asyncio.Protocol):
+    """Reads the proxy's answer to ``CONNECT`` (its head only: nothing may follow before TLS starts)."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\r\n\r\n" in self._buffer and not self.head.done():
+            self.head.set_result(self._buffer)
+        elif len(self._buffer) > MAX_HEADERS and not self.head.done():
+            self.head.set_exception(ConnectFailed("the proxy's answer to CONNECT is too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(ConnectFailed("the proxy closed the connection before answering CONNECT"))
+
+
 def _closing(conn: _Connection) -> bool:
     # The server's FIN can be read before connection_lost runs: a request written then goes nowhere.
     return conn.transport is None or conn.transport.is_closing()
 
 
-_tls_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+_tls_contexts: dict[tuple[bool | str, str | None, str | None], ssl.SSLContext] = {}
 
 
-def _tls_context() -> ssl.SSLContext:
-    """The system's CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured), hostname checked, as aiohttp did.
+def _tls_context(verify: bool | str = True) -> ssl.SSLContext:
+    """The system's CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured), hostname checked, as aiohttp did;
+    or the CA bundle (file or directory) ``verify`` names; or, with ``verify=False``, no check at all.
 
     Built once per CA setting: loading the CAs takes ~20 ms of the event loop, and a pool is rebuilt
     whenever its last hook let go of it or the key changed."""
-    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    key = (verify, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     context = _tls_contexts.get(key)
     if context is None:
-        context = _tls_contexts[key] = ssl.create_default_context()
+        if verify is True:
+            context = ssl.create_default_context()
+        elif verify is False:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif os.path.isdir(verify):
+            context = ssl.create_default_context(capath=verify)
+        else:
+            context = ssl.create_default_context(cafile=verify)  # a missing file raises here, naming it
+        _tls_contexts[key] = context
     return context
+
+
+def _parse_proxy(proxy: str) -> tuple[tuple[str, int], str]:
+    """``(host, port)`` of an ``http://`` proxy URL and its ``Proxy-Authorization`` header line (or "")."""
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # requests takes "host:port" too
+    if parts.scheme != "http" or not parts.hostname:
+        # Never the URL itself in the message: it may carry the proxy's password.
+        raise ValueError(f"only http:// proxies are supported, got a {parts.scheme}:// one")
+    credentials = ""
+    if parts.username is not None:
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        credentials = f"Proxy-Authorization: Basic {token}\r\n"
+    return (parts.hostname, parts.port or 80), credentials
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})

@@ -420,7 +420,8 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
     """A pool of keep-alive connections that sends the connection's key to its host, with its timeouts.
 
     No cap on connections here: the triggerer's shared poller caps its status checks in flight itself
-    (``MAX_WORKERS``). No cookies either: the API sets none we need.
+    (``MAX_WORKERS``). No cookies either: the API sets none we need. Proxy and certificate checks as the
+    worker's requests session has them (``ConnectionSettings.proxy`` / ``verify``).
     """
     return ConnectionPool(
         settings.base_url,
@@ -431,6 +432,8 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
         },
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
+        proxy=settings.proxy,
+        verify=settings.verify,
     )
 
 
