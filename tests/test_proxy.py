@@ -10,9 +10,10 @@ import ssl
 import pytest
 
 from airflow_comet.exceptions import CometAPIConfigError
-from airflow_comet.hooks._http1 import ConnectFailed, ConnectionPool
+from airflow_comet.hooks._http1 import ConnectFailed, ConnectionPool, ProxyAuthRequired
 from airflow_comet.hooks._protocol import ConnectionSettings
 from airflow_comet.hooks.cometapi import CometAPIHook
+from tests.conftest import set_connection
 from tests.http_proxy import HttpProxy
 from tests.test_http1 import RawServer
 
@@ -55,10 +56,27 @@ def test_the_connections_proxies_extra_wins_over_the_environment(monkeypatch):
     assert _settings("https://api.cometapi.com", proxy="http://one:1").proxy == "http://one:1"
 
 
-def test_a_proxy_that_cannot_be_used_is_a_config_error_without_its_password(monkeypatch):
+def test_the_extras_no_proxy_sends_its_hosts_direct_and_others_through_the_proxy(monkeypatch):
+    extras = {"proxies": {"https": "http://conn-proxy:8080", "no_proxy": "internal.example"}}
+    assert _settings("https://internal.example", **extras).proxy is None
+    assert _settings("https://api.cometapi.com", **extras).proxy == "http://conn-proxy:8080"
+
+
+def test_a_proxy_the_triggerer_cannot_use_fails_there_as_a_config_error_without_its_password(monkeypatch):
+    from airflow_comet.hooks.cometapi import new_connection_pool
+
+    settings = _settings("https://api.cometapi.com", proxies={"https": "socks5://user:hunter2@proxy:1080"})
+    assert settings.proxy == "socks5://user:hunter2@proxy:1080"  # the worker's requests may still use it
     with pytest.raises(CometAPIConfigError, match="only http:// proxies") as info:
-        _settings("https://api.cometapi.com", proxies={"https": "socks5://user:hunter2@proxy:1080"})
+        new_connection_pool(settings)
     assert "hunter2" not in str(info.value)
+    assert new_connection_pool(_settings("https://api.cometapi.com", proxy="HTTP://proxy:3128")) is not None
+
+
+def test_an_unreadable_proxy_url_is_a_config_error_that_shows_no_part_of_the_password():
+    with pytest.raises(CometAPIConfigError, match="percent-encode") as info:
+        _settings("https://api.cometapi.com", proxy="http://user:se/cret@proxy:3128")
+    assert "cret" not in str(info.value) and "'se'" not in str(info.value)  # urllib's message quoted 'se'
     with pytest.raises(CometAPIConfigError, match="proxies"):
         _settings("https://api.cometapi.com", proxies=["http://proxy:3128"])
 
@@ -72,15 +90,24 @@ def test_the_settings_never_show_the_proxy_password():
 @pytest.mark.parametrize(
     ("extras", "expected"),
     [({}, True), ({"verify": False}, False), ({"verify": "false"}, False), ({"verify_ssl": "True"}, True),
-     ({"verify": "/etc/corp-ca.pem"}, "/etc/corp-ca.pem")],
+     ({"verify": None}, True), ({"verify": 0}, False)],
 )
-def test_verify_is_read_as_requests_reads_it(extras, expected):
+def test_verify_flags(extras, expected):
     assert _settings("https://api.cometapi.com", **extras).verify == expected
 
 
-def test_a_verify_that_is_no_flag_nor_path_is_a_config_error():
-    with pytest.raises(CometAPIConfigError, match="'verify'"):
-        _settings("https://api.cometapi.com", verify=3)
+def test_verify_takes_a_ca_bundle_path_or_requests_ca_bundle_and_names_a_missing_one(tmp_path, monkeypatch):
+    bundle = tmp_path / "corp-ca.pem"
+    bundle.write_text("")
+    assert _settings("https://api.cometapi.com", verify=str(bundle)).verify == str(bundle)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    assert _settings("https://api.cometapi.com").verify == str(bundle)
+    assert _settings("https://api.cometapi.com", trust_env=False).verify is True
+    assert _settings("https://api.cometapi.com", verify=False).verify is False
+    with pytest.raises(CometAPIConfigError, match="missing.pem"):
+        _settings("https://api.cometapi.com", verify=str(tmp_path / "missing.pem"))
+    with pytest.raises(CometAPIConfigError, match="'trust_env'"):
+        _settings("https://api.cometapi.com", trust_env="sometimes")
 
 
 # -- the transport through a proxy ------------------------------------------------------------------------
@@ -113,7 +140,7 @@ async def test_a_proxy_refusing_the_tunnel_is_a_connect_error_naming_its_answer(
         pool = ConnectionPool(
             server.url, headers={}, connect_timeout=2, read_timeout=5, proxy=proxy.url_with("u", "wrong"), verify=str(cert)
         )
-        with pytest.raises(ConnectFailed, match="refused the tunnel.*407") as info:
+        with pytest.raises(ProxyAuthRequired, match="refused the tunnel.*407") as info:
             await pool.request("GET", "/x")
         await pool.close()
     assert "wrong" not in str(info.value)
@@ -134,23 +161,56 @@ async def test_verify_false_accepts_a_certificate_no_ca_signed(tls_server_contex
         await pool.close()
 
 
-def test_worker_and_triggerer_both_go_through_the_environment_proxy_to_the_simulator(sim, monkeypatch):
+async def test_an_http_host_gets_absolute_targets_and_the_proxys_credentials_on_each_request():
+    async with RawServer() as server, HttpProxy(credentials=("u", "pw")) as proxy:
+        pool = ConnectionPool(
+            server.url + "/base", headers={}, connect_timeout=2, read_timeout=5, proxy=proxy.url_with("u", "pw")
+        )
+        for _ in range(2):
+            assert (await pool.request("GET", "/x")).status == 200
+        await pool.close()
+    assert len(proxy.seen) == 1  # one kept-alive connection to the proxy
+    for request in server.requests:
+        assert request.startswith(f"GET {server.url}/base/x HTTP/1.1\r\n".encode())
+        assert b"Proxy-Authorization: Basic dTpwdw==\r\n" in request
+
+
+@pytest.mark.parametrize("configured_by", ["environment", "extra"])
+def test_worker_and_triggerer_take_the_same_proxy_to_the_simulator(sim, monkeypatch, configured_by):
     monkeypatch.delenv("NO_PROXY")
 
-    async def run() -> tuple[dict, dict]:
+    async def run() -> tuple[dict, dict, bytes]:
         async with HttpProxy() as proxy:
-            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            if configured_by == "environment":
+                monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            else:  # the connection's extra wins over an environment proxy that goes nowhere
+                monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
+                set_connection(monkeypatch, sim.base_url, proxies={"http": proxy.url})
             # The worker's requests session (blocking: in a thread, while the proxy serves in this loop).
             created = await asyncio.to_thread(
                 CometAPIHook().create_prediction, "black-forest-labs/flux-schnell", {"prompt": "through a proxy"}
             )
             async with CometAPIHook() as hook:  # the triggerer's transport
                 status = await hook.aget_prediction(created["id"])
-            seen = b"".join(bytes(s) for s in proxy.seen)
-        assert b"POST http://127.0.0.1:" in seen and b"/replicate/v1/models/" in seen
-        assert f"GET {sim.base_url}/replicate/v1/predictions/{created['id']} HTTP/1.1".encode() in seen
-        return created, status
+        return created, status, b"".join(bytes(s) for s in proxy.seen)
 
-    created, status = asyncio.run(run())
+    created, status, seen = asyncio.run(run())
     assert status["id"] == created["id"]
+    assert f"POST {sim.base_url}/replicate/v1/models/black-forest-labs/flux-schnell/predictions".encode() in seen
+    assert f"GET {sim.base_url}/replicate/v1/predictions/{created['id']} HTTP/1.1".encode() in seen
     assert [r.endpoint for r in sim.requests] == ["create", "status"]
+
+
+def test_a_proxy_asking_for_credentials_ends_the_triggerers_check_as_a_config_error(monkeypatch, tls_server_context):
+    context, cert = tls_server_context
+
+    async def run() -> None:
+        async with RawServer(tls=context) as server, HttpProxy(credentials=("u", "right")) as proxy:
+            set_connection(monkeypatch, server.url, proxies={"https": proxy.url_with("u", "wrong")}, verify=str(cert))
+            async with CometAPIHook() as hook:
+                with pytest.raises(CometAPIConfigError, match="407.*proxy's user name and password") as info:
+                    await hook.aget_prediction("p1")
+            assert "wrong" not in str(info.value)
+            assert len(proxy.seen) == 1  # not retried: new credentials are needed, not time
+
+    asyncio.run(run())

@@ -7,9 +7,9 @@ This client does only what the hook needs: requests to one host, one at a time p
 pool of keep-alive connections, with a connect timeout and a read timeout, TLS for ``https``. The answers
 are parsed by httptools (llhttp, the parser behind uvicorn): nothing here parses HTTP by hand.
 
-Through an ``http://`` proxy when one is given (the hook picks it as requests does for the worker: the
-connection's ``proxies`` extra, else ``HTTPS_PROXY`` and friends, ``NO_PROXY`` honoured): an ``https`` host
-through a ``CONNECT`` tunnel, so the proxy never sees the key; an ``http`` one with absolute request targets.
+Through an ``http://`` proxy when one is given (the hook picks it in ``_route``, for the worker's requests
+session too): an ``https`` host through a ``CONNECT`` tunnel, so the proxy never sees the key; an ``http``
+one with absolute request targets.
 
 Left out on purpose: redirects (never followed, so the key only ever goes to the connection's host),
 ``https://`` proxies, compression (never asked for), cookies.
@@ -36,6 +36,7 @@ __all__ = [
     "ConnectionPool",
     "HTTPTransportError",
     "PoolClosed",
+    "ProxyAuthRequired",
     "Response",
 ]
 
@@ -75,6 +76,10 @@ class ConnectFailed(HTTPTransportError):
 
 class AnswerTimeout(HTTPTransportError):
     """The request was sent and no complete answer came within the read timeout."""
+
+
+class ProxyAuthRequired(ConnectFailed):
+    """The proxy answered ``CONNECT`` with 407: its credentials are missing or wrong (retrying cannot help)."""
 
 
 class PoolClosed(HTTPTransportError):
@@ -395,7 +400,7 @@ class ConnectionPool:
         return conn
 
     def _via(self) -> str:
-        return f" (through the proxy {self._proxy[0]}:{self._proxy[1]})" if self._proxy else ""
+        return f" (through the proxy {_bracketed(self._proxy[0])}:{self._proxy[1]})" if self._proxy else ""
 
     async def _open_tunnel(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         """A TLS connection to the host through the proxy's ``CONNECT`` tunnel (the proxy sees no request)."""
@@ -405,17 +410,18 @@ class ConnectionPool:
         )
         try:
             transport.write(self._tunnel)
-            head = await tunnel.head
-            status = head.split(b" ", 2)[1:2]
-            if status != [b"200"]:
-                line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")[:200]
-                raise ConnectFailed(f"the proxy refused the tunnel to {self._host}:{self._port} ({line})")
+            line = (await tunnel.head).split(b"\r\n", 1)[0].decode("latin-1", "replace")
+            match = _STATUS_LINE.match(line)
+            if not match or not match[1].startswith("2"):  # any 2xx opens the tunnel (RFC 9110, 9.3.6)
+                refused = f"the proxy refused the tunnel to {self._host}:{self._port} ({line[:200]})"
+                raise (ProxyAuthRequired if match and match[1] == "407" else ConnectFailed)(refused)
             conn = _Connection(self)
             tls = await loop.start_tls(transport, conn, self._ssl, server_hostname=self._host)
+            if tls is None:  # lost between the handshake and this line
+                raise ConnectFailed("the tunnel closed right after the TLS handshake")
         except BaseException:
             transport.abort()
             raise
-        assert tls is not None
         conn.connection_made(tls)  # start_tls does not call it
         return conn
 
@@ -480,12 +486,14 @@ def _tls_context(verify: bool | str = True) -> ssl.SSLContext:
 def _parse_proxy(proxy: str) -> tuple[tuple[str, int], str]:
     """``(host, port)`` of an ``http://`` proxy URL and its ``Proxy-Authorization`` header line (or "")."""
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # requests takes "host:port" too
-    if parts.scheme != "http" or not parts.hostname:
+    if parts.scheme.lower() != "http" or not parts.hostname:
         # Never the URL itself in the message: it may carry the proxy's password.
         raise ValueError(f"only http:// proxies are supported, got a {parts.scheme}:// one")
     credentials = ""
     if parts.username is not None:
-        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        # Latin-1, as requests (urllib3) encodes the worker's proxy credentials.
+        user, password = unquote(parts.username), unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode("latin-1", "replace")).decode()
         credentials = f"Proxy-Authorization: Basic {token}\r\n"
     return (parts.hostname, parts.port or 80), credentials
 
@@ -495,6 +503,7 @@ def _bracketed(host: str) -> str:
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+_STATUS_LINE = re.compile(r"HTTP/1\.[01] (\d{3})(?: |$)")
 _PATH = re.compile(r"/[!-~]*\Z")  # printable ASCII, no spaces
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a header name (RFC 9110, 5.6.2)
 

@@ -22,6 +22,7 @@ from airflow_comet.exceptions import (
     CometAPINotJSONError,
     CometAPIResponseError,
 )
+from airflow_comet.hooks._route import proxy_for, verify_setting
 
 DEFAULT_HOST = "https://api.cometapi.com"
 API_PREFIX = "/replicate/v1"
@@ -90,9 +91,9 @@ class ConnectionSettings:
     max_retry_wait: float = 60.0
     retry_backoff: float = 1.0
     max_requests_per_second: float | None = None
-    #: The ``http://`` proxy for ``base_url``, chosen as requests chooses the worker's (may hold a password).
+    #: The proxy both transports use for ``base_url`` (``_route.proxy_for``; may hold a password).
     proxy: str | None = None
-    #: requests' ``verify``: check TLS against the system's CAs (True), a CA bundle path, or not (False).
+    #: Check TLS against the system's CAs (True), a CA bundle path, or not (False) (``_route.verify_setting``).
     verify: bool | str = True
 
     def __repr__(self) -> str:
@@ -120,7 +121,7 @@ class ConnectionSettings:
             base_url=base_url,
             api_key=api_key,
             proxy=proxy_for(conn_id, base_url, extras),
-            verify=_verify(conn_id, extras),
+            verify=verify_setting(conn_id, extras),
             connect_timeout=_positive(conn_id, extras, "connect_timeout", cls.connect_timeout),
             read_timeout=_positive(conn_id, extras, "read_timeout", cls.read_timeout),
             max_retries=int(_positive(conn_id, extras, "max_retries", cls.max_retries, allow_zero=True)),
@@ -156,53 +157,6 @@ def base_url_from(conn_id: str, host: str | None, port: int | None) -> str:
         # Users often paste the documented URL prefix; it is added per request.
         path = path[: -len(API_PREFIX)]
     return f"{parts.scheme}://{netloc}{path}"
-
-
-def proxy_for(conn_id: str, base_url: str, extras: Mapping[str, Any]) -> str | None:
-    """The proxy the worker's requests session would use for ``base_url`` (HttpHook's extras ``proxies`` /
-    ``proxy`` first, then, unless ``trust_env`` is false, ``HTTPS_PROXY`` and friends with ``NO_PROXY``), so
-    that the triggerer reaches the API the same way as the worker."""
-    import requests.utils
-
-    configured = extras.get("proxies", extras.get("proxy"))
-    if configured in (None, ""):
-        proxies: dict[str, str] = {}
-    elif isinstance(configured, str):  # aiohttp's form (HttpAsyncHook): one proxy for everything
-        proxies = {"http": configured, "https": configured}
-    elif isinstance(configured, Mapping):
-        proxies = {str(k): str(v) for k, v in configured.items() if v}
-    else:
-        raise CometAPIConfigError(
-            f"Connection {conn_id!r}: extra 'proxies' must be a URL or a mapping like "
-            '{"https": "http://proxy:3128"}'
-        )
-    if _flag(conn_id, extras, "trust_env", True):
-        for scheme, url in requests.utils.get_environ_proxies(base_url, no_proxy=proxies.get("no_proxy")).items():
-            proxies.setdefault(scheme, url)
-    proxy = requests.utils.select_proxy(base_url, proxies)
-    if proxy and not proxy.startswith("http://") and "://" in proxy:
-        # Never the URL in the message: it may carry the proxy's password.
-        raise CometAPIConfigError(
-            f"Connection {conn_id!r}: the proxy for {base_url} is a {proxy.split('://')[0]}:// URL; "
-            "only http:// proxies are supported (an https host is still reached through a CONNECT tunnel)."
-        )
-    return proxy or None
-
-
-def _verify(conn_id: str, extras: Mapping[str, Any]) -> bool | str:
-    raw = extras.get("verify", extras.get("verify_ssl", True))
-    if isinstance(raw, str) and raw.strip().lower() not in ("true", "false"):
-        return raw.strip()  # a CA bundle file or directory, as requests takes it
-    return _flag(conn_id, extras, "verify" if "verify" in extras else "verify_ssl", True)
-
-
-def _flag(conn_id: str, extras: Mapping[str, Any], key: str, default: bool) -> bool:
-    raw = extras.get(key, default)
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
-        return raw.strip().lower() == "true"
-    raise CometAPIConfigError(f"Connection {conn_id!r}: extra {key!r} must be true or false, got {raw!r}")
 
 
 def _positive(conn_id: str, extras: Mapping[str, Any], key: str, default: float, allow_zero: bool = False) -> float:

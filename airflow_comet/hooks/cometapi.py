@@ -15,13 +15,15 @@ from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a d
 from airflow_comet import __version__
 from airflow_comet.exceptions import (
     CometAPIAuthError,
+    CometAPIConfigError,
     CometAPIError,
     CometAPINotFoundError,
     CometAPIResponseError,
     CometAPITransportError,
 )
 from airflow_comet.hooks import _protocol as protocol
-from airflow_comet.hooks._http1 import ConnectionPool, HTTPTransportError, PoolClosed
+from airflow_comet.hooks._http1 import ConnectionPool, HTTPTransportError, PoolClosed, ProxyAuthRequired
+from airflow_comet.hooks._masking import mask
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
 from airflow_comet.hooks._ratelimit import release_pool, request_budget, shared_pool
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
@@ -115,7 +117,7 @@ class CometAPIHook(HttpHook):
         if self._settings is None:
             conn = self.get_connection(self.cometapi_conn_id)
             self._settings = ConnectionSettings.from_connection(conn, conn.extra_dejson)
-            _mask(self._settings.api_key)
+            mask(self._settings.api_key)
         return self._settings
 
     async def aget_settings(self) -> ConnectionSettings:
@@ -163,6 +165,11 @@ class CometAPIHook(HttpHook):
         session.auth = BearerAuth(settings.api_key)
         session.headers["User-Agent"] = USER_AGENT
         session.headers["Accept"] = "application/json"
+        # The route the triggerer takes too (hooks/_route.py): requests' own reading of the environment off,
+        # so that it cannot choose another proxy or CA bundle than the settings say.
+        session.trust_env = False
+        session.proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else {}
+        session.verify = settings.verify
         return session
 
     def _request(
@@ -279,6 +286,10 @@ class CometAPIHook(HttpHook):
                 read_timeout=settings.read_timeout + hold,
                 idempotent=idempotent,
             )
+        except ProxyAuthRequired as e:
+            raise CometAPIConfigError(
+                f"Connection {settings.conn_id!r}: {e}; check the proxy's user name and password"
+            ) from None
         except HTTPTransportError as e:
             what = "no complete answer" if e.sent else "connection failed"
             if isinstance(e, PoolClosed):
@@ -423,18 +434,21 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
     (``MAX_WORKERS``). No cookies either: the API sets none we need. Proxy and certificate checks as the
     worker's requests session has them (``ConnectionSettings.proxy`` / ``verify``).
     """
-    return ConnectionPool(
-        settings.base_url,
-        headers={
-            "Authorization": f"Bearer {settings.api_key}",
-            "User-Agent": USER_AGENT,
-            "Accept": "application/json",
-        },
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        proxy=settings.proxy,
-        verify=settings.verify,
-    )
+    try:
+        return ConnectionPool(
+            settings.base_url,
+            headers={
+                "Authorization": f"Bearer {settings.api_key}",
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+            },
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            proxy=settings.proxy,
+            verify=settings.verify,
+        )
+    except (ValueError, OSError) as error:  # a proxy this client cannot use, an unreadable CA bundle
+        raise CometAPIConfigError(f"Connection {settings.conn_id!r}: {error}") from None
 
 
 def _about(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
@@ -461,14 +475,3 @@ def _scrub(error: CometAPIError, secret: str) -> None:
     if secret and secret in error.message:
         error.message = error.message.replace(secret, "***")
         error.args = (error.message,)
-
-
-def _mask(secret: str) -> None:
-    """Register the key with Airflow's log redaction (best effort on every version)."""
-    try:
-        from airflow.providers.common.compat.sdk import mask_secret
-
-        mask_secret(secret)
-    except Exception:  # pragma: no cover - masking is defence in depth, never a reason to fail
-        log.debug("Could not register the CometAPI key for masking", exc_info=True)
-

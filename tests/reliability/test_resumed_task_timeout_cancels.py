@@ -70,3 +70,40 @@ def test_sensor_pre_execute_keeps_its_prediction(sim):
     sensor.pre_execute(_resumed_context(prediction_id))
     sensor.on_kill()
     assert len(sim.cancels(prediction_id)) == 1
+
+
+class _FailedByTheScheduler(SimpleNamespace):
+    """A task instance Airflow 2's scheduler resumed with ``__fail__``: no event, only its own XCom."""
+
+    def xcom_pull(self, *, task_ids: str, key: str, map_indexes: int):
+        self.pulled = (task_ids, key, map_indexes)
+        return self.xcom.get((task_ids, key, map_indexes))
+
+
+@pytest.mark.parametrize("map_index", [-1, 3])
+def test_operator_on_kill_after_a_resume_without_the_event_cancels_the_prediction_it_deferred_on(sim, map_index):
+    """Airflow 2's scheduler fails a deferred task at its execution_timeout with next_method ``__fail__`` and
+    next_kwargs replaced; the id comes from the XCom the operator pushed before deferring (scenario 5b runs
+    the real thing)."""
+    prediction_id = create(sim, durations=120)
+    op = _deferrable_operator()
+    ti = _FailedByTheScheduler(
+        next_method="__fail__",
+        next_kwargs={"error": "Trigger/execution timeout"},
+        task_id="generate",
+        map_index=map_index,
+        xcom={("generate", "deferred_prediction_id", map_index): prediction_id},
+    )
+    op.pre_execute({"ti": ti})
+    assert ti.pulled == ("generate", "deferred_prediction_id", map_index)
+    op.on_kill()
+    assert len(sim.cancels(prediction_id)) == 1
+
+
+def test_a_resume_without_the_event_or_its_xcom_cancels_nothing(sim):
+    prediction_id = create(sim, durations=120)
+    op = _deferrable_operator()
+    ti = _FailedByTheScheduler(next_method="__fail__", next_kwargs={}, task_id="generate", map_index=-1, xcom={})
+    op.pre_execute({"ti": ti})
+    op.on_kill()
+    assert sim.cancels(prediction_id) == []
