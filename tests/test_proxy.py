@@ -201,16 +201,21 @@ def test_worker_and_triggerer_take_the_same_proxy_to_the_simulator(sim, monkeypa
     assert [r.endpoint for r in sim.requests] == ["create", "status"]
 
 
-def test_a_proxy_asking_for_credentials_ends_the_triggerers_check_as_a_config_error(monkeypatch, tls_server_context):
+@pytest.mark.parametrize("mode", ["worker", "triggerer"])
+def test_a_proxy_asking_for_credentials_is_a_config_error_not_retried(monkeypatch, tls_server_context, mode):
     context, cert = tls_server_context
 
     async def run() -> None:
         async with RawServer(tls=context) as server, HttpProxy(credentials=("u", "right")) as proxy:
             set_connection(monkeypatch, server.url, proxies={"https": proxy.url_with("u", "wrong")}, verify=str(cert))
-            async with CometAPIHook() as hook:
-                with pytest.raises(CometAPIConfigError, match="407.*proxy's user name and password") as info:
-                    await hook.aget_prediction("p1")
+            with pytest.raises(CometAPIConfigError, match="407.*proxy's user name and password") as info:
+                if mode == "worker":
+                    await asyncio.to_thread(CometAPIHook().get_prediction, "p1")
+                else:
+                    async with CometAPIHook() as hook:
+                        await hook.aget_prediction("p1")
             assert "wrong" not in str(info.value)
             assert len(proxy.seen) == 1  # not retried: new credentials are needed, not time
+            assert server.connections == 0
 
     asyncio.run(run())

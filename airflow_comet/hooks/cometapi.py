@@ -212,6 +212,13 @@ class CometAPIHook(HttpHook):
             )
         except requests.exceptions.ConnectTimeout as e:
             raise _transport_error(method, path, "connect timed out", e, maybe_sent=False) from None
+        except requests.exceptions.ProxyError as e:
+            if "407" in str(e):  # as the triggerer's ProxyAuthRequired: new credentials are needed, not time
+                raise CometAPIConfigError(
+                    f"Connection {settings.conn_id!r}: the proxy refused the tunnel to {settings.base_url} "
+                    "(407 Proxy Authentication Required); check the proxy's user name and password"
+                ) from None
+            raise _transport_error(method, path, "connection to the proxy failed", e, maybe_sent=False) from None
         except requests.exceptions.ConnectionError as e:
             refused = "NewConnectionError" in repr(e) or "Name or service not known" in str(e)
             raise _transport_error(method, path, "connection failed", e, maybe_sent=not refused) from None
