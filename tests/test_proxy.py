@@ -42,7 +42,7 @@ def test_the_environment_proxy_is_used_unless_no_proxy_or_trust_env_says_otherwi
     monkeypatch.setenv("HTTPS_PROXY", "http://corp-proxy:3128")
     monkeypatch.setenv("NO_PROXY", "internal.example")
     assert _settings("https://api.cometapi.com").proxy == "http://corp-proxy:3128"
-    assert _settings("http://internal.example:8765").proxy is None  # not https, and bypassed anyway
+    assert _settings("https://internal.example:8765").proxy is None  # NO_PROXY
     assert _settings("https://api.cometapi.com", trust_env=False).proxy is None
     monkeypatch.setenv("NO_PROXY", "api.cometapi.com")
     assert _settings("https://api.cometapi.com").proxy is None
@@ -62,15 +62,19 @@ def test_the_extras_no_proxy_sends_its_hosts_direct_and_others_through_the_proxy
     assert _settings("https://api.cometapi.com", **extras).proxy == "http://conn-proxy:8080"
 
 
-def test_a_proxy_the_triggerer_cannot_use_fails_there_as_a_config_error_without_its_password(monkeypatch):
+def test_a_proxy_the_triggerer_cannot_use_is_skipped_there_with_a_warning_not_its_password(caplog):
     from airflow_comet.hooks.cometapi import new_connection_pool
 
-    settings = _settings("https://api.cometapi.com", proxies={"https": "socks5://user:hunter2@proxy:1080"})
-    assert settings.proxy == "socks5://user:hunter2@proxy:1080"  # the worker's requests may still use it
-    with pytest.raises(CometAPIConfigError, match="only http:// proxies") as info:
-        new_connection_pool(settings)
-    assert "hunter2" not in str(info.value)
-    assert new_connection_pool(_settings("https://api.cometapi.com", proxy="HTTP://proxy:3128")) is not None
+    settings = _settings("https://api.cometapi.com", proxies={"https": "socks5h://user:hunter2@proxy:1080"})
+    assert settings.proxy == "socks5h://user:hunter2@proxy:1080"  # the worker's requests can use it
+    with caplog.at_level("WARNING"):
+        pool = new_connection_pool(settings)
+    assert pool._proxy is None  # direct, as before the triggerer read proxies at all
+    assert "cannot go through a socks5h proxy" in caplog.text and "hunter2" not in caplog.text
+    assert new_connection_pool(_settings("https://api.cometapi.com", proxy="HTTP://proxy:3128"))._proxy == (
+        "proxy",
+        3128,
+    )
 
 
 def test_an_unreadable_proxy_url_is_a_config_error_that_shows_no_part_of_the_password():
@@ -104,8 +108,12 @@ def test_verify_takes_a_ca_bundle_path_or_requests_ca_bundle_and_names_a_missing
     assert _settings("https://api.cometapi.com").verify == str(bundle)
     assert _settings("https://api.cometapi.com", trust_env=False).verify is True
     assert _settings("https://api.cometapi.com", verify=False).verify is False
-    with pytest.raises(CometAPIConfigError, match="missing.pem"):
+    with pytest.raises(CometAPIConfigError, match=r"missing.pem.*extra 'verify'"):
         _settings("https://api.cometapi.com", verify=str(tmp_path / "missing.pem"))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "stale.pem"))
+    with pytest.raises(CometAPIConfigError, match=r"stale.pem.*REQUESTS_CA_BUNDLE"):
+        _settings("https://api.cometapi.com")
+    assert _settings("http://127.0.0.1:8765").verify is True  # plain http: nothing to check, nothing to break
     with pytest.raises(CometAPIConfigError, match="'trust_env'"):
         _settings("https://api.cometapi.com", trust_env="sometimes")
 
@@ -140,10 +148,9 @@ async def test_a_proxy_refusing_the_tunnel_is_a_connect_error_naming_its_answer(
         pool = ConnectionPool(
             server.url, headers={}, connect_timeout=2, read_timeout=5, proxy=proxy.url_with("u", "wrong"), verify=str(cert)
         )
-        with pytest.raises(ProxyAuthRequired, match="refused the tunnel.*407") as info:
+        with pytest.raises(ProxyAuthRequired, match="refused the tunnel.*407"):
             await pool.request("GET", "/x")
         await pool.close()
-    assert "wrong" not in str(info.value)
     assert server.connections == 0
 
 
@@ -214,8 +221,40 @@ def test_a_proxy_asking_for_credentials_is_a_config_error_not_retried(monkeypatc
                 else:
                     async with CometAPIHook() as hook:
                         await hook.aget_prediction("p1")
-            assert "wrong" not in str(info.value)
             assert len(proxy.seen) == 1  # not retried: new credentials are needed, not time
             assert server.connections == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("extras", "env_bundle", "trusted"),
+    [
+        ({"verify": "CERT"}, None, True),  # the extra's CA bundle
+        ({}, "CERT", True),  # REQUESTS_CA_BUNDLE
+        ({"trust_env": False}, "CERT", False),  # the environment ignored: certifi's CAs do not know the cert
+        ({"verify": False}, "/nonexistent.pem", True),  # no check at all, whatever the environment says
+    ],
+)
+def test_the_workers_tls_check_through_a_tunnel_follows_the_settings(
+    monkeypatch, tls_server_context, extras, env_bundle, trusted
+):
+    context, cert = tls_server_context
+    extras = {k: (str(cert) if v == "CERT" else v) for k, v in extras.items()}
+    if env_bundle:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert) if env_bundle == "CERT" else env_bundle)
+
+    async def run() -> None:
+        async with RawServer(tls=context) as server, HttpProxy() as proxy:
+            set_connection(monkeypatch, server.url, proxies={"https": proxy.url}, max_retries=0, **extras)
+            call = asyncio.to_thread(CometAPIHook().test_connection)
+            if trusted:
+                ok, message = await call
+                assert ok, message
+                assert server.requests and proxy.connects  # through the tunnel, answered
+            else:
+                ok, message = await call
+                assert not ok and "SSLCertVerificationError" in message, message
+                assert not server.requests
 
     asyncio.run(run())

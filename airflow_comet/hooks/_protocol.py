@@ -121,7 +121,7 @@ class ConnectionSettings:
             base_url=base_url,
             api_key=api_key,
             proxy=proxy_for(conn_id, base_url, extras),
-            verify=verify_setting(conn_id, extras),
+            verify=verify_setting(conn_id, base_url, extras),
             connect_timeout=_positive(conn_id, extras, "connect_timeout", cls.connect_timeout),
             read_timeout=_positive(conn_id, extras, "read_timeout", cls.read_timeout),
             max_retries=int(_positive(conn_id, extras, "max_retries", cls.max_retries, allow_zero=True)),

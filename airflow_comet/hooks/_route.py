@@ -4,8 +4,12 @@ Decided once per connection lookup (``ConnectionSettings.proxy`` / ``.verify``) 
 transports: the worker's requests session (with requests' own environment handling switched off) and the
 triggerer's ``_http1`` pool, so a create and the status checks that follow it always take the same route.
 The rules are requests' (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` with ``NO_PROXY``,
-``REQUESTS_CA_BUNDLE``), except that the connection's own extras win over the environment, as in the http
-provider's ``HttpHook.run``.
+``REQUESTS_CA_BUNDLE``), with two differences: the connection's own extras win over the environment, as in
+the http provider's ``HttpHook.run``, and a ``no_proxy`` inside the ``proxies`` extra sends its hosts direct
+(requests would only drop the environment's proxies for them). Two things stay apart: with ``verify`` true
+the worker trusts certifi's CAs (requests' default) and the triggerer the system's (``SSL_CERT_FILE``); and
+the triggerer goes through ``http://`` proxies only (``_http1``; for another kind it connects directly, as
+before it read proxies at all, and says so in its log).
 """
 
 from __future__ import annotations
@@ -62,14 +66,19 @@ def proxy_for(conn_id: str, base_url: str, extras: Mapping[str, Any]) -> str | N
         ) from None
     if not parts.hostname:
         raise CometAPIConfigError(f"Connection {conn_id!r}: the proxy URL for {base_url} has no host")
-    if parts.password:
-        mask(unquote(parts.password))
+    # Masked as written and decoded; a user name alone is often a token.
+    for secret in {parts.password, parts.username if parts.password is None else None}:
+        if secret:
+            mask(secret)
+            mask(unquote(secret))
     return proxy
 
 
-def verify_setting(conn_id: str, extras: Mapping[str, Any]) -> bool | str:
-    """The extra ``verify`` (or ``verify_ssl``): ``True`` (the system's CAs, or ``REQUESTS_CA_BUNDLE`` /
+def verify_setting(conn_id: str, base_url: str, extras: Mapping[str, Any]) -> bool | str:
+    """The extra ``verify`` (or ``verify_ssl``): ``True`` (the default CAs, or ``REQUESTS_CA_BUNDLE`` /
     ``CURL_CA_BUNDLE`` when ``trust_env``), ``False``, or the path of a CA bundle file or directory."""
+    if not base_url.startswith("https://"):
+        return True  # nothing to check on plain http: a stale bundle setting must not break it
     key = "verify" if "verify" in extras else "verify_ssl"
     raw = extras.get(key)
     if raw is None or raw == "":
@@ -81,9 +90,8 @@ def verify_setting(conn_id: str, extras: Mapping[str, Any]) -> bool | str:
     if verify is True and _flag(conn_id, extras, "trust_env", True):
         verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     if isinstance(verify, str) and not os.path.exists(verify):
-        raise CometAPIConfigError(
-            f"Connection {conn_id!r}: the CA bundle {verify!r} (extra {key!r} or REQUESTS_CA_BUNDLE) does not exist"
-        )
+        source = f"extra {key!r}" if extras.get(key) not in (None, "") else "REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE"
+        raise CometAPIConfigError(f"Connection {conn_id!r}: the CA bundle {verify!r} ({source}) does not exist")
     return verify
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
@@ -41,6 +42,8 @@ OWN_EXTRAS = (
     "retry_backoff",
     "max_requests_per_second",
 )
+#: urllib3's words for a proxy that answered CONNECT with 407 (the rest of its message names paths and ports).
+_PROXY_407 = re.compile(r"Tunnel connection failed: 407\b")
 #: Extra seconds of read timeout on top of a ``Prefer: wait`` hold, so the hold itself never times out.
 _PREFER_WAIT_MARGIN = 15.0
 
@@ -213,7 +216,7 @@ class CometAPIHook(HttpHook):
         except requests.exceptions.ConnectTimeout as e:
             raise _transport_error(method, path, "connect timed out", e, maybe_sent=False) from None
         except requests.exceptions.ProxyError as e:
-            if "407" in str(e):  # as the triggerer's ProxyAuthRequired: new credentials are needed, not time
+            if _PROXY_407.search(str(e)):  # as the triggerer's ProxyAuthRequired: new credentials, not time
                 raise CometAPIConfigError(
                     f"Connection {settings.conn_id!r}: the proxy refused the tunnel to {settings.base_url} "
                     "(407 Proxy Authentication Required); check the proxy's user name and password"
@@ -441,6 +444,16 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
     (``MAX_WORKERS``). No cookies either: the API sets none we need. Proxy and certificate checks as the
     worker's requests session has them (``ConnectionSettings.proxy`` / ``verify``).
     """
+    proxy = settings.proxy
+    if proxy and "://" in proxy and not proxy.lower().startswith("http://"):
+        # Connecting directly, as before the triggerer read proxies at all, rather than failing a wait whose
+        # create went through (requests handles socks and https proxies; this client does not).
+        log.warning(
+            "Connection %s: the triggerer cannot go through a %s proxy; connecting directly",
+            settings.conn_id,
+            proxy.split("://", 1)[0],
+        )
+        proxy = None
     try:
         return ConnectionPool(
             settings.base_url,
@@ -451,10 +464,10 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
             },
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
-            proxy=settings.proxy,
+            proxy=proxy,
             verify=settings.verify,
         )
-    except (ValueError, OSError) as error:  # a proxy this client cannot use, an unreadable CA bundle
+    except (ValueError, OSError) as error:  # an unreadable CA bundle
         raise CometAPIConfigError(f"Connection {settings.conn_id!r}: {error}") from None
 
 
