@@ -54,6 +54,7 @@ def test_the_connections_proxies_extra_wins_over_the_environment(monkeypatch):
         "http://conn-proxy:8080"
     )
     assert _settings("https://api.cometapi.com", proxy="http://one:1").proxy == "http://one:1"
+    assert _settings("https://api.cometapi.com", proxy="one:1").proxy == "http://one:1"  # as requests reads it
 
 
 def test_the_extras_no_proxy_sends_its_hosts_direct_and_others_through_the_proxy(monkeypatch):

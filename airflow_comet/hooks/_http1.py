@@ -485,7 +485,7 @@ def _tls_context(verify: bool | str = True) -> ssl.SSLContext:
 
 def _parse_proxy(proxy: str) -> tuple[tuple[str, int], str]:
     """``(host, port)`` of an ``http://`` proxy URL and its ``Proxy-Authorization`` header line (or "")."""
-    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # requests takes "host:port" too
+    parts = urlsplit(proxy)
     if parts.scheme.lower() != "http" or not parts.hostname:
         # Never the URL itself in the message: it may carry the proxy's password.
         raise ValueError(f"only http:// proxies are supported, got a {parts.scheme}:// one")

@@ -185,8 +185,8 @@ def shared_pool(settings: ConnectionSettings, make: Callable[[], ConnectionPool]
     """The pool every hook of ``settings.conn_id`` shares in the running loop (``make`` builds it on first
     use). Each call counts one user; give it back with :func:`release_pool`.
 
-    The key includes a digest of everything the pool carries (base URL, key, timeouts, proxy, TLS check): after the
-    connection is edited, new triggers get a new pool while running ones finish on the old one.
+    The key includes a digest of everything the pool carries (base URL, key, timeouts, proxy, TLS check):
+    after the connection is edited, new triggers get a new pool while running ones finish on the old one.
     """
     loop = asyncio.get_running_loop()
     digest = hashlib.sha256(

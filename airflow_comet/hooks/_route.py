@@ -29,7 +29,7 @@ _FALSE = ("false", "0", "no", "off")
 
 
 def proxy_for(conn_id: str, base_url: str, extras: Mapping[str, Any]) -> str | None:
-    """The proxy URL for ``base_url``, or ``None``: the connection's extra ``proxies`` (requests' mapping,
+    """The proxy URL for ``base_url`` (always with its scheme), or ``None``: the connection's extra ``proxies`` (requests' mapping,
     ``{"https": "http://proxy:3128"}``, or one URL, as ``proxy`` too), then, unless the extra ``trust_env`` is
     false, the environment's proxy variables with ``NO_PROXY``."""
     import requests.utils
@@ -55,8 +55,10 @@ def proxy_for(conn_id: str, base_url: str, extras: Mapping[str, Any]) -> str | N
     proxy = requests.utils.select_proxy(base_url, proxies)
     if not proxy:
         return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"  # requests takes "host:port" for an http proxy; spelled out for both transports
     try:
-        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        parts = urlsplit(proxy)
         parts.port  # noqa: B018 - raises on a malformed port (often an unencoded character of the password)
     except ValueError:
         # Never the URL nor the parser's message in the error: both may show the password.

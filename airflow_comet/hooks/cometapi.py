@@ -217,9 +217,8 @@ class CometAPIHook(HttpHook):
             raise _transport_error(method, path, "connect timed out", e, maybe_sent=False) from None
         except requests.exceptions.ProxyError as e:
             if _PROXY_407.search(str(e)):  # as the triggerer's ProxyAuthRequired: new credentials, not time
-                raise CometAPIConfigError(
-                    f"Connection {settings.conn_id!r}: the proxy refused the tunnel to {settings.base_url} "
-                    "(407 Proxy Authentication Required); check the proxy's user name and password"
+                raise _proxy_auth_error(
+                    settings, f"the proxy refused the tunnel to {settings.base_url} (407 Proxy Authentication Required)"
                 ) from None
             raise _transport_error(method, path, "connection to the proxy failed", e, maybe_sent=False) from None
         except requests.exceptions.ConnectionError as e:
@@ -297,9 +296,7 @@ class CometAPIHook(HttpHook):
                 idempotent=idempotent,
             )
         except ProxyAuthRequired as e:
-            raise CometAPIConfigError(
-                f"Connection {settings.conn_id!r}: {e}; check the proxy's user name and password"
-            ) from None
+            raise _proxy_auth_error(settings, str(e)) from None
         except HTTPTransportError as e:
             what = "no complete answer" if e.sent else "connection failed"
             if isinstance(e, PoolClosed):
@@ -445,7 +442,7 @@ def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
     worker's requests session has them (``ConnectionSettings.proxy`` / ``verify``).
     """
     proxy = settings.proxy
-    if proxy and "://" in proxy and not proxy.lower().startswith("http://"):
+    if proxy and not proxy.lower().startswith("http://"):
         # Connecting directly, as before the triggerer read proxies at all, rather than failing a wait whose
         # create went through (requests handles socks and https proxies; this client does not).
         log.warning(
@@ -481,6 +478,11 @@ def _about(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
             status_code=200,
         )
     return prediction
+
+
+def _proxy_auth_error(settings: ConnectionSettings, refusal: str) -> CometAPIConfigError:
+    """A proxy answered 407, in either transport: not retried (new credentials are needed, not time)."""
+    return CometAPIConfigError(f"Connection {settings.conn_id!r}: {refusal}; check the proxy's user name and password")
 
 
 def _transport_error(method: str, path: str, what: str, error: BaseException, *, maybe_sent: bool) -> CometAPITransportError:
