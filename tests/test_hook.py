@@ -216,6 +216,32 @@ def test_create_is_retried_when_the_connection_was_refused(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_create_is_retried_when_the_host_name_cannot_be_resolved_for_now(monkeypatch, mode):
+    # A DNS outage cannot be staged on loopback: the resolver itself answers as glibc does during one
+    # ("Temporary failure in name resolution", EAI_AGAIN), for the one host name the connection uses.
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def resolver(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host == "api.dns-down.example":
+            asked.append(host)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    set_connection(monkeypatch, "http://api.dns-down.example:8765", max_retries=2)
+    with pytest.raises(CometAPITransportError) as info:
+        create(mode)
+    # Nothing was sent: the create was tried again (not reported as one that may have started a prediction),
+    # and the message says what failed and for which host.
+    assert not isinstance(info.value, CometAPIAmbiguousCreateError)
+    assert info.value.maybe_sent is False
+    assert len(asked) == 3
+    assert "Temporary failure in name resolution" in str(info.value)
+    assert "api.dns-down.example" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_retries_stop_after_max_retries(scripted, monkeypatch, mode):
     set_connection(monkeypatch, scripted.url, max_retries=2)
     scripted.script(Answer(503, envelope("down")))
@@ -292,6 +318,14 @@ def test_test_connection_accepts_a_json_404_and_rejects_401_and_html(scripted):
     scripted.script(Answer(200, "<html>hi</html>"))
     ok, message = CometAPIHook().test_connection()
     assert not ok and "host" in message
+
+
+def test_test_connection_asks_once_and_answers_at_once_when_the_api_is_down(scripted):
+    # The connection form's button: a 503 is reported, not retried for a minute with backoff.
+    scripted.script(Answer(503, envelope("upstream down")))
+    ok, message = CometAPIHook().test_connection()
+    assert not ok and "503" in message
+    assert len(scripted.seen) == 1
 
 
 def test_cancel_missing_endpoint_is_logged_not_raised(scripted):

@@ -9,7 +9,7 @@ import ssl
 
 import pytest
 
-from airflow_comet.exceptions import CometAPIConfigError
+from airflow_comet.exceptions import CometAPIAmbiguousCreateError, CometAPIConfigError
 from airflow_comet.hooks._http1 import ConnectFailed, ConnectionPool, ProxyAuthRequired
 from airflow_comet.hooks._protocol import ConnectionSettings
 from airflow_comet.hooks.cometapi import CometAPIHook
@@ -255,7 +255,36 @@ def test_the_workers_tls_check_through_a_tunnel_follows_the_settings(
                 assert server.requests and proxy.connects  # through the tunnel, answered
             else:
                 ok, message = await call
-                assert not ok and "SSLCertVerificationError" in message, message
+                assert not ok and "CERTIFICATE_VERIFY_FAILED" in message and "'verify'" in message, message
                 assert not server.requests
 
     asyncio.run(run())
+
+
+# -- a certificate nobody vouches for: a setting to change, not an outage to wait out --------------------
+
+
+@pytest.mark.parametrize("mode", ["worker", "triggerer"])
+def test_a_rejected_certificate_is_a_config_error_naming_the_verify_extra(
+    monkeypatch, caplog, capsys, tls_server_context, mode
+):
+    context, _ = tls_server_context
+
+    async def run() -> None:
+        async with RawServer(tls=context) as server:
+            set_connection(monkeypatch, server.url, max_retries=3)  # certifi's / the system's CAs: not this one
+            with pytest.raises(CometAPIConfigError) as info:
+                if mode == "worker":
+                    await asyncio.to_thread(CometAPIHook().create_prediction, "o/m", {"prompt": "x"})
+                else:
+                    async with CometAPIHook() as hook:
+                        await hook.acreate_prediction("o/m", {"prompt": "x"})
+            message = str(info.value)
+            assert "CERTIFICATE_VERIFY_FAILED" in message and "'verify'" in message and server.url in message
+            assert not isinstance(info.value, CometAPIAmbiguousCreateError)
+            assert not server.requests  # the handshake failed: nothing was sent
+
+    asyncio.run(run())
+    # Not retried: a missing CA is not fixed by waiting (Airflow 3 logs through structlog to stdout).
+    logged = caplog.text + capsys.readouterr().out
+    assert "retry" not in logged

@@ -31,6 +31,7 @@ import httptools
 
 __all__ = [
     "AnswerTimeout",
+    "CertificateRejected",
     "ConnectFailed",
     "ConnectionLost",
     "ConnectionPool",
@@ -80,6 +81,10 @@ class AnswerTimeout(HTTPTransportError):
 
 class ProxyAuthRequired(ConnectFailed):
     """The proxy answered ``CONNECT`` with 407: its credentials are missing or wrong (retrying cannot help)."""
+
+
+class CertificateRejected(ConnectFailed):
+    """The server's TLS certificate was not trusted (no CA that signed it, or another host's): nothing was sent."""
 
 
 class PoolClosed(HTTPTransportError):
@@ -391,16 +396,20 @@ class ConnectionPool:
                     self._connect_timeout,
                 )
         except asyncio.TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s{self._via()}") from None
+            raise ConnectFailed(f"connect to {self._where()} timed out after {self._connect_timeout:g} s") from None
+        except ssl.SSLCertVerificationError as error:
+            raise CertificateRejected(f"{self._where()}: {error}") from None
         except OSError as error:  # refused, unreachable, unknown host, TLS (ssl.SSLError is an OSError)
-            raise ConnectFailed(f"{type(error).__name__}: {error}{self._via()}") from None
+            raise ConnectFailed(f"cannot connect to {self._where()} ({type(error).__name__}: {error})") from None
         if self.closed:
             conn.close()
             raise PoolClosed("the connection pool was closed")
         return conn
 
-    def _via(self) -> str:
-        return f" (through the proxy {_bracketed(self._proxy[0])}:{self._proxy[1]})" if self._proxy else ""
+    def _where(self) -> str:
+        """The host (and proxy) a connect failure is about, for its message."""
+        via = f" through the proxy {_bracketed(self._proxy[0])}:{self._proxy[1]}" if self._proxy else ""
+        return f"{_bracketed(self._host)}:{self._port}{via}"
 
     async def _open_tunnel(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         """A TLS connection to the host through the proxy's ``CONNECT`` tunnel (the proxy sees no request)."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
 import requests
+import urllib3
 from airflow.providers.http.hooks.http import HttpHook
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a dependency of providers-http
 
@@ -23,7 +25,13 @@ from airflow_comet.exceptions import (
     CometAPITransportError,
 )
 from airflow_comet.hooks import _protocol as protocol
-from airflow_comet.hooks._http1 import ConnectionPool, HTTPTransportError, PoolClosed, ProxyAuthRequired
+from airflow_comet.hooks._http1 import (
+    CertificateRejected,
+    ConnectionPool,
+    HTTPTransportError,
+    PoolClosed,
+    ProxyAuthRequired,
+)
 from airflow_comet.hooks._masking import mask
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
 from airflow_comet.hooks._ratelimit import release_pool, request_budget, shared_pool
@@ -184,11 +192,12 @@ class CometAPIHook(HttpHook):
         idempotent: bool = True,
         headers: Mapping[str, str] | None = None,
         hold: float = 0.0,
+        policy: RetryPolicy | None = None,
     ) -> dict[str, Any]:
         settings = self.settings
         return call_with_retries(
             lambda: self._send(settings, method, path, body, headers, hold),
-            policy=self.retry_policy(settings),
+            policy=policy or self.retry_policy(settings),
             idempotent=idempotent,
             logger=self.log,
             what=f"{method} {path}",
@@ -222,8 +231,15 @@ class CometAPIHook(HttpHook):
                 ) from None
             raise _transport_error(method, path, "connection to the proxy failed", e, maybe_sent=False) from None
         except requests.exceptions.ConnectionError as e:
-            refused = "NewConnectionError" in repr(e) or "Name or service not known" in str(e)
-            raise _transport_error(method, path, "connection failed", e, maybe_sent=not refused) from None
+            reasons = _reasons(e)
+            if any(isinstance(r, ssl.SSLCertVerificationError) for r in reasons):
+                raise _certificate_error(settings, str(reasons[-1])) from None
+            # Refused, unknown host (permanent or temporary), connect timeout: nothing was sent, so even a
+            # create may be sent again. Anything else (a reset, a TLS error mid-answer) may have reached it.
+            not_sent = any(isinstance(r, urllib3.exceptions.ConnectTimeoutError) for r in reasons)
+            raise _transport_error(
+                method, path, "connection failed", _urllib3_reason(reasons), maybe_sent=not not_sent
+            ) from None
         except requests.exceptions.RequestException as e:
             # ReadTimeout, ChunkedEncodingError: the request was sent, the answer did not come back whole.
             raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
@@ -297,6 +313,8 @@ class CometAPIHook(HttpHook):
             )
         except ProxyAuthRequired as e:
             raise _proxy_auth_error(settings, str(e)) from None
+        except CertificateRejected as e:
+            raise _certificate_error(settings, str(e)) from None
         except HTTPTransportError as e:
             what = "no complete answer" if e.sent else "connection failed"
             if isinstance(e, PoolClosed):
@@ -402,9 +420,12 @@ class CometAPIHook(HttpHook):
         """Check host and key without starting a prediction (nothing is billed).
 
         Asks for a prediction id that cannot exist: CometAPI's JSON 404 proves the host and key are right.
+        Sent once, never retried: the form's button should answer in seconds, not after a minute of backoff.
         """
         try:
-            self._request("GET", protocol.prediction_path("airflow-comet-connection-test"))
+            self._request(
+                "GET", protocol.prediction_path("airflow-comet-connection-test"), policy=RetryPolicy(max_retries=0)
+            )
         except CometAPINotFoundError:
             return True, f"Connected to {self.settings.base_url}: the key was accepted."
         except CometAPIError as error:
@@ -483,6 +504,42 @@ def _about(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
 def _proxy_auth_error(settings: ConnectionSettings, refusal: str) -> CometAPIConfigError:
     """A proxy answered 407, in either transport: not retried (new credentials are needed, not time)."""
     return CometAPIConfigError(f"Connection {settings.conn_id!r}: {refusal}; check the proxy's user name and password")
+
+
+def _certificate_error(settings: ConnectionSettings, reason: str) -> CometAPIConfigError:
+    """The host's TLS certificate was not trusted, in either transport: not retried (a CA is missing, which
+    time does not fix), and the message says which setting to change."""
+    return CometAPIConfigError(
+        f"Connection {settings.conn_id!r}: the TLS certificate of {settings.base_url} was rejected ({reason}). "
+        "If a proxy or gateway re-signs TLS with your company's CA, set the connection extra 'verify' to that "
+        "CA bundle's path."
+    )
+
+
+def _reasons(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps, outermost first: requests wraps urllib3's ``MaxRetryError``, whose
+    ``reason`` is the real failure (``NameResolutionError``, ``SSLError``, ...), which wraps the OS's."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 8 and all(current is not seen for seen in chain):
+        chain.append(current)
+        inner = getattr(current, "reason", None)  # ssl.SSLError's reason is a string, not an exception
+        if not isinstance(inner, BaseException):
+            first = current.args[0] if current.args else None
+            inner = first if isinstance(first, BaseException) else None
+        current = inner or current.__cause__ or current.__context__
+    return chain
+
+
+def _urllib3_reason(reasons: list[BaseException]) -> BaseException:
+    """The failure worth naming: urllib3's own (it names the host and the OS error) rather than requests'
+    wrapper, whose first 200 characters are the pool and the URL."""
+    for reason in reasons:
+        if isinstance(reason, urllib3.exceptions.HTTPError) and not isinstance(
+            reason, urllib3.exceptions.MaxRetryError
+        ):
+            return reason
+    return reasons[0]
 
 
 def _transport_error(method: str, path: str, what: str, error: BaseException, *, maybe_sent: bool) -> CometAPITransportError:
