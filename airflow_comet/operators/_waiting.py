@@ -137,6 +137,7 @@ class PredictionWaitMixin:
             message += " " + self._cancel_after_timeout(prediction_id)
             if deadline_is_task_timeout:
                 raise AirflowTaskTimeout(message)
+            raise self._own_timeout_error(message)
         raise PredictionFailedError(message)
 
     def _cancel_after_timeout(self, prediction_id: str | None) -> str:
@@ -145,12 +146,21 @@ class PredictionWaitMixin:
         if not self.cancel_on_kill:
             return "It was left running (cancel_on_kill=False); a retry of this task resumes it where it can."
         try:
-            self.hook.cancel_prediction(prediction_id)
+            answer = self.hook.cancel_prediction(prediction_id)
         except CometAPIError as error:
             return f"Cancelling it failed ({error}); it may still be running and billing."
-        # Raising AirflowTaskTimeout makes Airflow call on_kill next: it need not cancel a second time.
+        # Raising AirflowTaskTimeout makes Airflow call on_kill next: it need not ask a second time.
         self._cancelled_prediction_id = prediction_id
+        if answer is None:  # no cancel endpoint (CometAPI does not document one): logged by the hook
+            return (
+                "CometAPI could not cancel it (no cancel endpoint); it may still be running and billing. "
+                "A retry of this task resumes it where it can."
+            )
         return "It was cancelled; a retry of this task creates a new prediction."
+
+    def _own_timeout_error(self, message: str) -> Exception:
+        """The error for a deadline of the wait's own (not ``execution_timeout``); the sensor's differs."""
+        return PredictionFailedError(message)
 
     def _log_result(self, prediction: dict[str, Any]) -> None:
         if not prediction:
@@ -176,10 +186,12 @@ class PredictionWaitMixin:
         if prediction_id == getattr(self, "_cancelled_prediction_id", None):
             return
         try:
-            self.hook.cancel_prediction(prediction_id)
-            self.log.info("Cancelled prediction %s", prediction_id)
+            answer = self.hook.cancel_prediction(prediction_id)
         except Exception as error:  # noqa: BLE001 - on_kill is best effort
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+            return
+        if answer is not None:  # None: no cancel endpoint, already logged by the hook
+            self.log.info("Cancelled prediction %s", prediction_id)
 
 
 def _deferred_prediction_id(ti: Any) -> str | None:

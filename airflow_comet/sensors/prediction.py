@@ -126,6 +126,10 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         """Resume after the trigger fired: return the prediction, or fail with the event's message."""
         return self._finish(event, deadline_is_task_timeout=deadline_is_task_timeout)
 
+    def _own_timeout_error(self, message: str) -> Exception:
+        # The sensor's ``timeout`` passed while deferred: what poke mode raises too (no retry, soft_fail skips).
+        return AirflowSensorTimeout(message)
+
     def on_kill(self) -> None:
         """Cancel the prediction (best effort) when the task is stopped in the worker."""
         if isinstance(self.prediction_id, str) and not is_templated(self.prediction_id):

@@ -158,6 +158,8 @@ class _Api:
         if prediction is None:
             return error_response(404, "Prediction not found", "not_found")
         faults, _ = self.state.faults_for(prediction.model)
+        if faults.cancel_unsupported:
+            return error_response(404, f"Invalid URL (POST {request.path})", "not_found")
         self.state.cancel(prediction)
         return self._answer(200, prediction.to_api(time.monotonic(), self.state.delivery_url), faults, "cancel")
 

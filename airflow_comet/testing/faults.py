@@ -66,6 +66,8 @@ class Faults:
     create_5xx_count: int = 0
     #: Every create answers 500 with code ``invalid_request`` (nothing is created).
     invalid_request_500: bool = False
+    #: Cancel answers 404 as an unknown route and cancels nothing (CometAPI does not document cancel).
+    cancel_unsupported: bool = False
 
     # -- slowness ----------------------------------------------------------------------------------
     #: Status answers are delayed this long (read-timeout tests).

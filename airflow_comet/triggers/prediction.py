@@ -157,8 +157,9 @@ class PredictionTrigger(BaseTrigger):
             return
         self.log.info("Task stopped (state %s); cancelling prediction %s", state, self.prediction_id)
         async with self._hook() as hook:
-            await hook.acancel_prediction(self.prediction_id)
-        self.log.info("Cancelled prediction %s", self.prediction_id)
+            answer = await hook.acancel_prediction(self.prediction_id)
+        if answer is not None:  # None: no cancel endpoint, already logged by the hook
+            self.log.info("Cancelled prediction %s", self.prediction_id)
 
     async def _task_state(self) -> str | None:
         """The task instance's current state, as the API server knows it (``None`` if unknown)."""
