@@ -153,6 +153,12 @@ class PredictionPoller:
             return self._after_failed_check(error, now, self._transient_errors)
         return self._bad_answer(str(error), now)
 
+    @property
+    def strikes(self) -> int:
+        """Answers in a row that count towards giving up (auth lost, prediction gone, or nonsense); transient
+        errors and good answers do not."""
+        return max(self._fatal_errors, self._bad_answers)
+
     def timeout_if_overdue(self, now: float) -> PollOutcome | None:
         """The timeout, without another check, when this check comes ``OVERDUE_GRACE`` past the deadline."""
         if self.end_time is not None and now >= self.end_time + OVERDUE_GRACE:

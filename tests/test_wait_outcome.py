@@ -54,3 +54,17 @@ def test_a_deferred_sensor_out_of_time_raises_what_a_poking_one_does(sim, deadli
         sensor.execute_complete({}, event=_timeout_event(prediction_id), deadline_is_task_timeout=deadline_is_task_timeout)
     assert not isinstance(info.value, PredictionFailedError)
     assert sim.prediction(prediction_id)["status"] == "canceled"
+
+
+@pytest.mark.parametrize("mode", ["poke", "reschedule"])
+def test_a_sensor_gives_up_on_a_prediction_that_does_not_exist_in_every_mode(sim, mode):
+    def new_sensor() -> PredictionSensor:
+        return PredictionSensor(task_id="wait", prediction_id="no-such-prediction", mode=mode, timeout=60)
+
+    sensor = new_sensor()
+    with pytest.raises(PredictionFailedError, match="3 status checks in a row failed"):
+        for _ in range(5):
+            assert sensor.poke({}) is False
+            if mode == "reschedule":  # each poke of a rescheduled sensor runs in a new task instance
+                sensor = new_sensor()
+    assert len(sim.polls("no-such-prediction")) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,15 @@ from airflow_comet.exceptions import CometAPIError, PredictionFailedError
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
 from airflow_comet.operators._waiting import PredictionWaitMixin
-from airflow_comet.polling import PredictionPoller, is_terminal, terminal_event
+from airflow_comet.polling import PollOutcome, PredictionPoller, is_terminal
 from airflow_comet.validation import is_templated, validate_prediction_id
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+
+#: Reschedule mode: the pause between re-asking within one poke to confirm an answer that counts towards
+#: giving up (three such in a row fail the wait: a few seconds of a worker slot, once).
+RESCHEDULE_CONFIRM_PAUSE = 1.0
 
 
 class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
@@ -60,6 +65,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         self.deferrable = deferrable
         self.cancel_on_kill = cancel_on_kill
         self._poller: PredictionPoller | None = None
+        self._link_pushed = False
 
     @property
     def poll_interval(self) -> float:  # the name the shared waiting code uses
@@ -101,24 +107,44 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         validate_prediction_id(self.prediction_id)
         if self._poller is None:
             self._poller = PredictionPoller(prediction_id=self.prediction_id, started_at=0.0)
+        while True:
+            strikes = self._poller.strikes
+            outcome = self._check(context)
+            # In reschedule mode every poke runs in a new task instance: the answers-in-a-row the poller counts
+            # before giving up (a wrong id, a revoked key, a wrong host) would start over each time and the
+            # sensor would wait out its whole timeout. So such an answer is confirmed within this poke, for as
+            # long as each answer adds one (a good answer or a transient error ends the poke as usual).
+            if outcome.event is not None or not (self.reschedule and self._poller.strikes > strikes):
+                break
+            time.sleep(RESCHEDULE_CONFIRM_PAUSE)
+        if outcome.event is None:
+            return False
+        if outcome.event["status"] == "error":
+            raise PredictionFailedError(outcome.event["message"])
+        # Returning the prediction through PokeReturnValue makes it the task's XCom return_value.
+        from airflow.providers.common.compat.sdk import PokeReturnValue
+
+        return PokeReturnValue(is_done=True, xcom_value=self._finish(outcome.event))
+
+    def _check(self, context: Context) -> PollOutcome:
+        """One status check and the poller's decision on it, logged."""
+        assert self._poller is not None
         try:
             prediction = self.hook.get_prediction(self.prediction_id)
         except CometAPIError as error:
             outcome = self._poller.on_error(error, 0.0)
             if outcome.event is None:
-                self.log.warning("Status check failed, trying again at the next poke: %s", error)
-                return False
-            raise PredictionFailedError(outcome.event["message"]) from error
-        if self._poller.polls == 0:
+                self.log.warning("Status check of prediction %s failed (trying again): %s", self.prediction_id, error)
+            return outcome
+        if not self._link_pushed:
             self._push_link(context, prediction)
+            self._link_pushed = True
         outcome = self._poller.on_prediction(prediction, 0.0)
-        self.log.info("Prediction %s is %s", self.prediction_id, prediction.get("status"))
-        if outcome.event is None:
-            return False
-        # Returning the prediction through PokeReturnValue makes it the task's XCom return_value.
-        from airflow.providers.common.compat.sdk import PokeReturnValue
-
-        return PokeReturnValue(is_done=True, xcom_value=self._finish(outcome.event))
+        if outcome.problem:
+            self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
+        else:
+            self.log.info("Prediction %s is %s", self.prediction_id, prediction.get("status"))
+        return outcome
 
     def execute_complete(
         self, context: Context, event: dict[str, Any] | None = None, deadline_is_task_timeout: bool = False
