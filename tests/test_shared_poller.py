@@ -194,6 +194,27 @@ async def test_a_failed_connection_lookup_mid_wait_does_not_end_the_wait(sim, mo
     assert len(sim.polls(pid)) >= 2  # checked on with the last good settings
 
 
+async def test_a_failed_connection_lookup_at_the_start_does_not_end_the_wait(sim, monkeypatch):
+    from airflow_comet.hooks import _settings_cache
+
+    sim.set_faults(Faults(durations=(2.0, 2.0)))
+    [pid] = create()
+    real = CometAPIHook._alook_up_settings
+    failures = []
+
+    async def api_server_restarting_for_a_moment(self):
+        if len(failures) < 3:  # the trigger's own lookup and the first check's fail, later ones work
+            failures.append(1)
+            raise RuntimeError("connection refused by the API server")
+        return await real(self)
+
+    monkeypatch.setattr(CometAPIHook, "_alook_up_settings", api_server_restarting_for_a_moment)
+    _settings_cache._entries.clear()
+    event = await asyncio.wait_for(first_event(PredictionTrigger(pid)), 20)
+    assert event["status"] == "succeeded"
+    assert failures == [1, 1, 1]
+
+
 async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request(sim, monkeypatch):
     monkeypatch.setattr(_shared_poller, "MAX_WORKERS", 1)
     sim.set_faults(Faults(never_finish=True))

@@ -7,8 +7,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_comet.exceptions import CometAPIConfigError
 from airflow_comet.hooks.cometapi import CometAPIHook, aconnection_settings
 from airflow_comet.polling import PredictionPoller
 from airflow_comet.triggers._shared_poller import Watch, shared_poller
@@ -75,7 +77,7 @@ class PredictionTrigger(BaseTrigger):
         try:
             # Looked up now rather than at the first check, which may be poll_interval away: a missing or
             # broken connection ends the wait at once (the lookup is shared with the loop's other hooks).
-            await aconnection_settings(self.cometapi_conn_id)
+            await self._check_connection()
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
             # every trigger of the triggerer); this task wakes only for what it logs or yields.
             watch = shared_poller(self.cometapi_conn_id).follow(poller)
@@ -114,6 +116,21 @@ class PredictionTrigger(BaseTrigger):
         finally:
             if watch is not None:
                 watch.close()
+
+    async def _check_connection(self) -> None:
+        """Raise when the connection is missing or unusable; wait on when only the lookup failed (the API
+        server or a secrets backend unreachable for a moment, as when a deployment restarts): the shared
+        poller looks it up again for its checks and takes such failures as transient until the deadline."""
+        try:
+            await aconnection_settings(self.cometapi_conn_id)
+        except (CometAPIConfigError, AirflowNotFoundException):
+            raise
+        except Exception as error:  # noqa: BLE001 - anything else is the lookup's trouble, not the connection's
+            self.log.warning(
+                "Looking up connection %s failed (%s); waiting on, the status checks look it up again",
+                self.cometapi_conn_id,
+                error,
+            )
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""
