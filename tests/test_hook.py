@@ -345,6 +345,16 @@ def test_empty_key_names_the_connection(monkeypatch):
         get("sync")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pasted", ["sk-abc\u200bdef", "sk-abc def", "sk-abc\ndef", "sk-clé"])
+def test_a_key_no_header_can_carry_is_a_config_error_that_does_not_show_it(scripted, monkeypatch, mode, pasted):
+    set_connection(monkeypatch, scripted.url, key=pasted)
+    with pytest.raises(CometAPIConfigError, match="cometapi_default.*paste the key again") as info:
+        get(mode)
+    assert "sk-" not in str(info.value)
+    assert scripted.seen == []
+
+
 def test_missing_connection_names_it(monkeypatch):
     monkeypatch.delenv("AIRFLOW_CONN_COMETAPI_DEFAULT", raising=False)
     with pytest.raises(Exception, match="cometapi_default"):

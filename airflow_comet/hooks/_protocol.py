@@ -115,6 +115,13 @@ class ConnectionSettings:
                 f"Connection {conn_id!r} has no CometAPI key: put the key in the connection's password "
                 "field (AIRFLOW_CONN_..._='{\"conn_type\": \"cometapi\", \"password\": \"<key>\"}')."
             )
+        if not all("!" <= c <= "~" for c in api_key):
+            # Keys are printable ASCII. Checked here, for both transports: requests would fail with a bare
+            # UnicodeEncodeError, or send a broken header. Never the key in the message.
+            raise CometAPIConfigError(
+                f"Connection {conn_id!r}: the CometAPI key holds a space, a line break or a character that is "
+                "not plain ASCII (often an invisible one pasted with it); paste the key again."
+            )
         base_url = base_url_from(conn_id, getattr(conn, "host", None), getattr(conn, "port", None))
         return cls(
             conn_id=conn_id,
