@@ -13,9 +13,15 @@ import json
 import logging
 from typing import Any
 
+from airflow_comet.hooks._protocol import iso_epoch
+
 log = logging.getLogger(__name__)
 
 STATE_KEY = "cometapi_prediction"
+#: A succeeded prediction is resumed only this soon after it completed: its output URLs expire (an hour after
+#: the prediction on Replicate), and a task run again later (cleared by a person to regenerate, retried after
+#: a failed persist) needs outputs that can still be downloaded.
+SUCCEEDED_RESUMABLE_FOR = 30 * 60.0
 
 
 def fingerprint(conn_id: str, model: str, input: dict[str, Any]) -> str:
@@ -63,3 +69,21 @@ def remember(context: Any, prediction_id: str, digest: str) -> bool:
 
 def supported(context: Any) -> bool:
     return _store(context) is not None
+
+
+def why_not_resumable(prediction: dict[str, Any] | None, now: float) -> str | None:
+    """Why an earlier try's prediction must not be resumed (``None``: resume it)."""
+    if not prediction:
+        return "it is gone"
+    status = prediction.get("status")
+    if status in ("starting", "processing"):
+        return None
+    if status != "succeeded":
+        return f"it ended {status}"
+    if prediction.get("data_removed"):
+        return "its outputs were removed"
+    completed = iso_epoch(prediction.get("completed_at")) or iso_epoch(prediction.get("created_at"))
+    if completed is None or now - completed > SUCCEEDED_RESUMABLE_FOR:
+        return f"it succeeded over {SUCCEEDED_RESUMABLE_FOR / 60:.0f} minutes ago and its output URLs may have expired"
+    return None
+

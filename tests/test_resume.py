@@ -64,3 +64,23 @@ def test_fingerprint_changes_with_model_input_and_connection():
     assert base != fingerprint("c", FLUX, {"prompt": "y"})
     assert base != fingerprint("d", FLUX, {"prompt": "x"})
     assert base != fingerprint("c", "black-forest-labs/flux-dev", {"prompt": "x"})
+
+
+def test_a_succeeded_prediction_is_resumed_only_while_its_outputs_can_still_be_downloaded(sim):
+    from airflow_comet.hooks._protocol import iso_epoch
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import SUCCEEDED_RESUMABLE_FOR, why_not_resumable
+
+    sim.set_faults(Faults(durations=0.2))
+    hook = CometAPIHook()
+    running = hook.create_prediction(FLUX, {"prompt": "x"})
+    assert why_not_resumable(running, iso_epoch(running["created_at"])) is None
+    done = running
+    while done["status"] != "succeeded":
+        done = hook.get_prediction(running["id"])
+    completed = iso_epoch(done["completed_at"])
+    assert why_not_resumable(done, completed + 60) is None
+    assert "expired" in why_not_resumable(done, completed + SUCCEEDED_RESUMABLE_FOR + 1)
+    assert "removed" in why_not_resumable({**done, "data_removed": True}, completed + 60)
+    assert why_not_resumable({**done, "status": "failed"}, completed) == "it ended failed"
+    assert why_not_resumable(None, completed) == "it is gone"

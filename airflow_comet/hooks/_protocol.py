@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -299,3 +300,13 @@ def _not_json(what: str, status: int, mime: str, body: bytes, headers: Mapping[s
         f"{what} (starts with {snippet!r}). {hint}",
         status_code=status,
     )
+
+
+def iso_epoch(raw: Any) -> float | None:
+    """An API timestamp (``created_at``, ``completed_at``: ISO 8601, ``Z`` or an offset) as epoch seconds."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

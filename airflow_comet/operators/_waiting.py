@@ -205,13 +205,8 @@ def _deferred_prediction_id(ti: Any) -> str | None:
 
 def created_epoch(prediction: dict[str, Any]) -> float:
     """The prediction's ``created_at`` as epoch seconds (now when absent or unreadable)."""
-    raw = prediction.get("created_at")
-    if isinstance(raw, str):
-        try:
-            created = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return time.time()
-        # A server clock ahead of ours would make the schedule poll too fast at first: trust ours then.
-        if created <= time.time() + 60:
-            return created
+    created = protocol.iso_epoch(prediction.get("created_at"))
+    # A server clock ahead of ours would make the schedule poll too fast at first: trust ours then.
+    if created is not None and created <= time.time() + 60:
+        return created
     return time.time()

@@ -153,14 +153,15 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
                 prediction = self.hook.get_prediction(earlier)
             except CometAPINotFoundError:
                 prediction = None
-            if prediction and prediction.get("status") in ("starting", "processing", "succeeded"):
+            reason = resume.why_not_resumable(prediction, time.time())
+            if prediction and reason is None:
                 self.log.info(
                     "Resuming prediction %s (%s) started by an earlier try of this task",
                     earlier,
                     prediction.get("status"),
                 )
                 return prediction
-            self.log.info("The earlier try's prediction %s cannot be resumed; creating a new one", earlier)
+            self.log.info("Not resuming the earlier try's prediction %s (%s); creating a new one", earlier, reason)
 
         self.log.info("Creating a prediction of %s", model)
         started = time.monotonic()
