@@ -35,9 +35,16 @@ def validate_input(value: Any, *, allow_templates: bool = False) -> dict[str, An
     With ``allow_templates`` (parse time), values that are still Jinja or XCom references are accepted.
     """
     if not isinstance(value, Mapping):
+        hint = ""
+        if isinstance(value, str):
+            # Most often a whole-input template ("{{ params.input }}"), which Jinja renders to text.
+            hint = (
+                ". A template renders to text: give input as a dict (Jinja renders inside its values), or set "
+                "render_template_as_native_obj=True on the DAG"
+            )
         raise ValueError(
             f"input must be a JSON object (a dict of model parameters such as {{'prompt': '...'}}), "
-            f"got {type(value).__name__}: {_short(value)}"
+            f"got {type(value).__name__}: {_short(value)}{hint}"
         )
     _check_json(value, "input", allow_templates)
     return dict(value)
