@@ -62,6 +62,34 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Budget shared by every trigger of this connection in one triggerer.",
                         "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
                     },
+                    "max_retry_wait": {
+                        "label": "Max Retry-After wait (s)",
+                        "description": "The longest a 429's Retry-After is honoured.",
+                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": 60},
+                    },
+                    "retry_backoff": {
+                        "label": "Retry backoff (s)",
+                        "description": "The first backoff; it doubles each retry, with jitter.",
+                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": 1},
+                    },
+                    "proxy": {
+                        "label": "Proxy URL",
+                        "description": "http://[user:password@]host:port for every request of this connection "
+                        "(empty: HTTPS_PROXY / NO_PROXY from the environment). The extra 'proxies' takes a "
+                        "per-scheme mapping with no_proxy.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "verify": {
+                        "label": "TLS CA bundle",
+                        "description": "Path of a CA bundle to check the host's certificate with (a proxy that "
+                        "re-signs TLS), or false to skip the check (empty: the default CAs).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "trust_env": {
+                        "label": "Use environment proxy and CA settings",
+                        "description": "Read HTTPS_PROXY, NO_PROXY and REQUESTS_CA_BUNDLE from the environment.",
+                        "schema": {"type": ["boolean", "null"], "default": True},
+                    },
                 },
             }
         ],
