@@ -36,8 +36,8 @@ KNEE = 10.0
 POLL_GROWTH = 0.45
 #: Jitter (a fraction of the delay) so that a mapped batch started together does not poll in lockstep.
 POLL_JITTER = 0.1
-#: A check this close to the deadline is the last one: a check sent a shade early (the shared poller
-#: batches checks due within a few hundredths of a second) must not cost one more request just before it.
+#: A check this close to the deadline is the last one: a check sent a shade early (the shared poller's timer
+#: takes the checks due within a few hundredths of a second) must not cost one more request just before it.
 DEADLINE_SLACK = 0.05
 #: A check due this long past the deadline is not sent: the wait times out at once (in the triggerer, checks
 #: can queue behind slow answers or a tight request budget).

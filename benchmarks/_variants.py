@@ -67,6 +67,15 @@ def narrow_batches() -> None:
     wide_batches(checks_per_worker=1, slack=0.005)
 
 
+def untimed_batches() -> None:
+    """The shared poller before due times were rounded to ticks (until 2026-12-06): each check at its own
+    due time, those due within 25 ms of a wake-up taken with it, four per worker, sent back to back."""
+    from airflow_comet.triggers import _shared_poller
+
+    _shared_poller.TICK = 1e-6
+    wide_batches(checks_per_worker=4, slack=0.025)
+
+
 def aiohttp_transport() -> None:
     """The hook's async requests over aiohttp, as before ``hooks/_http1.py`` (one shared ClientSession per
     connection and loop, as it was built): everything else (budget, parsing, the shared poller) unchanged,

@@ -12,6 +12,7 @@ import pytest
 
 from airflow_comet.hooks import _ratelimit
 from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet import polling
 from airflow_comet.polling import PredictionPoller
 from airflow_comet.testing import Faults
 from airflow_comet.triggers import _shared_poller
@@ -101,8 +102,9 @@ async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
     await asyncio.sleep(0.1)
     assert poller.following == 0 and poller.in_flight == 0
     assert not _ratelimit._pools  # the pool closed with its last user
-    # One connection per worker at most (40 checks due together: 10 workers), not one per trigger.
-    assert sim.connections_opened("api") <= 1 + 40 // _shared_poller.CHECKS_PER_WORKER
+    # At most one connection per check in flight (40 due together), plus the creates' own, kept alive and
+    # reused round after round: far fewer opened than checks made.
+    assert sim.connections_opened("api") <= 1 + 40
 
 
 async def test_a_cancelled_trigger_is_no_longer_checked_and_others_go_on(sim):
@@ -300,6 +302,33 @@ async def test_checks_due_close_together_share_one_timer_wake_up(sim):
             watch.close()
 
 
+async def test_checks_sent_early_with_a_batch_keep_their_own_cadence(sim, monkeypatch):
+    # Twenty predictions whose first checks fall due spread over a second, polled every 0.6 s (the schedule
+    # shortened for the test), due times rounded to 0.3 s ticks: each check moves by up to 0.15 s. Rounded
+    # always one way, gaps would shrink (or grow) by half a tick on average; to the nearest tick, the
+    # count of checks is the schedule's own.
+    monkeypatch.setattr(_shared_poller, "TICK", 0.3)
+    monkeypatch.setattr(polling, "YOUNG_GAP", 0.6)
+    sim.set_faults(Faults(never_finish=True))
+    ids = create(20)
+    poller = shared_poller("cometapi_default")
+    now = time.time()
+    first_delays = [0.05 * i for i in range(20)]
+    watches = [
+        poller.follow(PredictionPoller(pid, started_at=now - polling.FIRST_POLL_DELAY + delay, poll_interval=5))
+        for pid, delay in zip(ids, first_delays)
+    ]
+    seconds = 6.0
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for watch in watches:
+            watch.close()
+    polls = sum(len(sim.polls(pid)) for pid in ids)
+    on_schedule = sum(1 + (seconds - delay) / 0.6 for delay in first_delays)
+    assert on_schedule * 0.88 <= polls <= on_schedule * 1.08, (polls, on_schedule)
+
+
 def test_a_new_event_loop_gets_a_new_poller(sim):
     [pid] = create()
 
@@ -338,3 +367,17 @@ async def test_triggers_stay_within_the_connection_budget(sim, monkeypatch):
     # Counted over the status checks only (the creates above came from this test, not from the triggers).
     per_second = Counter(int(r.time) for r in polls)
     assert max(per_second.values()) <= rate
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.1, 0.2])
+async def test_a_deadline_between_ticks_costs_at_most_one_more_check(sim, offset):
+    # Due times are rounded to ticks, but never a short wait for a deadline: rounded to just before the
+    # deadline, the next check would come again and again until it passed.
+    sim.set_faults(Faults(never_finish=True))
+    [pid] = create()
+    deadline = time.time() + 2.0 + offset
+    started = time.time()
+    event = await asyncio.wait_for(first_event(PredictionTrigger(pid, started_at=started, end_time=deadline)), 10)
+    assert event["status"] == "timeout"
+    assert abs(time.time() - deadline) < _shared_poller.TICK
+    assert len(sim.polls(pid)) <= 3  # at about 1 s, once more near the deadline, and at it
