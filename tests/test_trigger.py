@@ -113,9 +113,14 @@ async def test_html_answers_give_up_after_a_bounded_number_of_polls(sim):
 
 
 async def test_missing_connection_is_an_error_event_not_a_crash(monkeypatch):
-    monkeypatch.delenv("AIRFLOW_CONN_COMETAPI_DEFAULT", raising=False)
+    from airflow_comet.triggers import prediction
+
+    monkeypatch.setattr(prediction, "LOOKUP_PAUSES", (0.05, 0.05))  # asked again: Airflow says "not found"
+    monkeypatch.delenv("AIRFLOW_CONN_COMETAPI_DEFAULT", raising=False)  # for an outage too
+    started = time.monotonic()
     [event] = await events(PredictionTrigger("abc", cometapi_conn_id="nope"))
     assert event["status"] == "error" and "nope" in event["message"]
+    assert 0.1 <= time.monotonic() - started < 5
 
 
 class _StateTrigger(PredictionTrigger):

@@ -7,13 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_comet.exceptions import CometAPIConfigError
 from airflow_comet.hooks.cometapi import CometAPIHook, aconnection_settings
 from airflow_comet.polling import PredictionPoller
 from airflow_comet.triggers._shared_poller import Watch, shared_poller
+
+
+#: Pauses between the tries of a trigger's first connection lookup (see ``_check_connection``).
+LOOKUP_PAUSES = (3.0, 9.0, 18.0)
 
 
 class PredictionTrigger(BaseTrigger):
@@ -118,19 +121,26 @@ class PredictionTrigger(BaseTrigger):
                 watch.close()
 
     async def _check_connection(self) -> None:
-        """Raise when the connection is missing or unusable; wait on when only the lookup failed (the API
-        server or a secrets backend unreachable for a moment, as when a deployment restarts): the shared
-        poller looks it up again for its checks and takes such failures as transient until the deadline."""
-        try:
-            await aconnection_settings(self.cometapi_conn_id)
-        except (CometAPIConfigError, AirflowNotFoundException):
-            raise
-        except Exception as error:  # noqa: BLE001 - anything else is the lookup's trouble, not the connection's
-            self.log.warning(
-                "Looking up connection %s failed (%s); waiting on, the status checks look it up again",
-                self.cometapi_conn_id,
-                error,
-            )
+        """Raise when the connection cannot be used, after a few tries over about half a minute.
+
+        Airflow reports a secrets backend or an API server that cannot answer for a moment (a deployment
+        restarting) as a missing connection, so "not found" is asked again, as anything else that is not a
+        config error: a trigger started in that moment waits on instead of failing its task, and a
+        connection that really is missing still ends the wait within the pauses below.
+        """
+        for pause in (*LOOKUP_PAUSES, None):
+            try:
+                await aconnection_settings(self.cometapi_conn_id)
+                return
+            except CometAPIConfigError:
+                raise
+            except Exception as error:  # noqa: BLE001 - not found, access denied, unreachable: ask again
+                if pause is None:
+                    raise
+                self.log.warning(
+                    "Looking up connection %s failed (%s); asking again in %.0f s", self.cometapi_conn_id, error, pause
+                )
+                await asyncio.sleep(pause)
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a person stopped the task (called by Airflow >= 3.3 only)."""
