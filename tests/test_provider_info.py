@@ -65,7 +65,8 @@ def test_every_form_field_sets_the_setting_it_names(monkeypatch):
     assert _settings({"trust_env": False}).proxy is None
 
 
-@pytest.mark.parametrize("name", ["proxy", "verify"])
-def test_an_empty_text_field_means_the_default(name):
-    # The form saves a field left empty as "" (or null): that must not be read as a proxy or a CA path.
+@pytest.mark.parametrize("name", ["proxy", "verify", "trust_env", "read_timeout", "max_retries"])
+def test_an_empty_field_means_the_default(name):
+    # The form saves a field left empty as "" (or null): that must not be read as a proxy, a CA path or a
+    # flag.
     assert _settings({name: ""}) == _settings({}) == _settings({name: None})

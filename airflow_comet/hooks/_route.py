@@ -98,7 +98,9 @@ def verify_setting(conn_id: str, base_url: str, extras: Mapping[str, Any]) -> bo
 
 
 def _flag(conn_id: str, extras: Mapping[str, Any], key: str, default: bool) -> bool:
-    raw = extras.get(key, default)
+    raw = extras.get(key)
+    if raw is None or raw == "":  # absent, or a form field left empty
+        return default
     if isinstance(raw, bool):
         return raw
     text = str(raw).strip().lower()
