@@ -27,6 +27,11 @@ class CometAPIConfigError(CometAPIError):
     """The connection or an argument is wrong; nothing was sent."""
 
 
+class CometAPICertificateError(CometAPIConfigError):
+    """The host's TLS certificate was not trusted: a CA is missing (a setting to change), or, rarely, an edge
+    serving a wrong certificate for a moment; a wait counts it like a 401 (three in a row end it)."""
+
+
 class CometAPIResponseError(CometAPIError):
     """CometAPI answered with an HTTP error (or a body that is not what the API sends)."""
 

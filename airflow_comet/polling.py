@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow_comet.exceptions import (
     CometAPIAuthError,
+    CometAPICertificateError,
     CometAPIConfigError,
     CometAPIError,
     CometAPINotFoundError,
@@ -134,9 +135,10 @@ class PredictionPoller:
         """Decide after a status check raised ``error`` (after the hook's own retries)."""
         self.polls += 1
         self._last_error = str(error)
-        if isinstance(error, CometAPIConfigError):
+        # A rejected certificate mid-wait may be an edge's moment: counted like a 401, not the end at once.
+        if isinstance(error, CometAPIConfigError) and not isinstance(error, CometAPICertificateError):
             return PollOutcome(event=self._event("error", str(error)))
-        if isinstance(error, (CometAPIAuthError, CometAPINotFoundError)):
+        if isinstance(error, (CometAPIAuthError, CometAPINotFoundError, CometAPICertificateError)):
             self._fatal_errors += 1
             if self._fatal_errors >= MAX_FATAL_ERRORS:
                 return PollOutcome(

@@ -187,3 +187,39 @@ def test_a_check_long_overdue_past_the_deadline_is_not_sent():
     outcome = p.timeout_if_overdue(30.0 + OVERDUE_GRACE)
     assert outcome is not None and outcome.event["status"] == "timeout"
     assert poller().timeout_if_overdue(1e12) is None  # no deadline, never overdue
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2026-01-01T10:00:00.765994657Z", 1767261600.765994),  # Replicate's nanoseconds
+        ("2026-01-01T10:00:00.5Z", 1767261600.5),
+        ("2026-01-01T10:00:00", 1767261600.0),  # no zone: UTC, whatever the worker's local time
+        ("2026-01-01T12:00:00+02:00", 1767261600.0),
+        ("yesterday", None),
+        (None, None),
+    ],
+)
+def test_api_timestamps_are_read_as_utc_epoch_seconds(raw, expected, monkeypatch):
+    import time as time_module
+
+    from airflow_comet.hooks._protocol import iso_epoch
+
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time_module.tzset()
+    try:
+        assert iso_epoch(raw) == (pytest.approx(expected) if expected is not None else None)
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
+
+
+def test_a_rejected_certificate_mid_wait_is_counted_like_a_401_not_the_end_at_once():
+    from airflow_comet.exceptions import CometAPICertificateError
+
+    poller = PredictionPoller("p1", started_at=0.0, poll_interval=5)
+    error = CometAPICertificateError("the TLS certificate of https://api.example was rejected")
+    assert poller.on_error(error, 1.0).event is None
+    assert poller.on_error(error, 2.0).event is None
+    event = poller.on_error(error, 3.0).event
+    assert event["status"] == "error" and "3 status checks in a row" in event["message"]

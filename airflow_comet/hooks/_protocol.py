@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -303,10 +303,21 @@ def _not_json(what: str, status: int, mime: str, body: bytes, headers: Mapping[s
 
 
 def iso_epoch(raw: Any) -> float | None:
-    """An API timestamp (``created_at``, ``completed_at``: ISO 8601, ``Z`` or an offset) as epoch seconds."""
+    """An API timestamp (``created_at``, ``completed_at``: ISO 8601) as epoch seconds; ``None`` if unreadable.
+
+    Replicate writes nanoseconds (``2026-01-01T10:00:00.765994657Z``), which Python 3.10's ``fromisoformat``
+    refuses (it takes 3 or 6 digits): the fraction is cut or padded to 6. No zone means UTC, never the
+    worker's local time."""
     if not isinstance(raw, str):
         return None
+    text = _FRACTION.sub(lambda m: (m[1] + "000000")[:7], raw.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        moment = datetime.fromisoformat(text)
     except ValueError:
         return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+_FRACTION = re.compile(r"(\.\d+)")

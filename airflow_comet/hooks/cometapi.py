@@ -18,6 +18,7 @@ from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a d
 from airflow_comet import __version__
 from airflow_comet.exceptions import (
     CometAPIAuthError,
+    CometAPICertificateError,
     CometAPIConfigError,
     CometAPIError,
     CometAPINotFoundError,
@@ -506,10 +507,10 @@ def _proxy_auth_error(settings: ConnectionSettings, refusal: str) -> CometAPICon
     return CometAPIConfigError(f"Connection {settings.conn_id!r}: {refusal}; check the proxy's user name and password")
 
 
-def _certificate_error(settings: ConnectionSettings, reason: str) -> CometAPIConfigError:
+def _certificate_error(settings: ConnectionSettings, reason: str) -> CometAPICertificateError:
     """The host's TLS certificate was not trusted, in either transport: not retried (a CA is missing, which
     time does not fix), and the message says which setting to change."""
-    return CometAPIConfigError(
+    return CometAPICertificateError(
         f"Connection {settings.conn_id!r}: the TLS certificate of {settings.base_url} was rejected ({reason}). "
         "If a proxy or gateway re-signs TLS with your company's CA, set the connection extra 'verify' to that "
         "CA bundle's path."
