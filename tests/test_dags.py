@@ -136,6 +136,19 @@ def test_poke_mode_sensor_timeout_cancels_the_prediction(sim, soft_fail):
     assert sim.prediction(created.prediction_id)["status"] == "canceled"
 
 
+@pytest.mark.parametrize("soft_fail", [False, True])
+def test_deferred_sensor_timeout_cancels_and_honours_soft_fail(sim, soft_fail):
+    sim.set_faults(Faults(never_finish=True))
+    with dag(f"t_deferred_timeout_{soft_fail}") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
+        PredictionSensor(task_id="wait", prediction_id=create.output, deferrable=True, timeout=2, soft_fail=soft_fail)
+    dr = run(d)
+    assert states(dr) == {"create": "success", "wait": "skipped" if soft_fail else "failed"}
+    [created] = sim.creates()
+    assert len(sim.cancels(created.prediction_id)) == 1
+    assert sim.prediction(created.prediction_id)["status"] == "canceled"
+
+
 def test_poke_mode_sensor_leaves_a_finished_prediction_alone(sim):
     sim.set_faults(Faults(durations=0.3, fail_rate=1.0))
     with dag("t_poke_failed") as d:

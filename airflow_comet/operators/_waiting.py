@@ -144,7 +144,7 @@ class PredictionWaitMixin:
         if not prediction_id:
             return ""
         if not self.cancel_on_kill:
-            return "It was left running (cancel_on_kill=False); a retry of this task resumes it where it can."
+            return "It was left running (cancel_on_kill=False)." + self._retry_hint(cancelled=False)
         try:
             answer = self.hook.cancel_prediction(prediction_id)
         except CometAPIError as error:
@@ -153,10 +153,16 @@ class PredictionWaitMixin:
         self._cancelled_prediction_id = prediction_id
         if answer is None:  # no cancel endpoint (CometAPI does not document one): logged by the hook
             return (
-                "CometAPI could not cancel it (no cancel endpoint); it may still be running and billing. "
-                "A retry of this task resumes it where it can."
+                "CometAPI could not cancel it (no cancel endpoint); it may still be running and billing."
+                + self._retry_hint(cancelled=False)
             )
-        return "It was cancelled; a retry of this task creates a new prediction."
+        return "It was cancelled." + self._retry_hint(cancelled=True)
+
+    def _retry_hint(self, *, cancelled: bool) -> str:
+        """What a retry of this task does after a timeout (the operator's; a sensor creates nothing)."""
+        if cancelled:
+            return " A retry of this task creates a new prediction."
+        return " A retry of this task resumes it where it can."
 
     def _own_timeout_error(self, message: str) -> Exception:
         """The error for a deadline of the wait's own (not ``execution_timeout``); the sensor's differs."""

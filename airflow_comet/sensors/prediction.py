@@ -152,6 +152,9 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         """Resume after the trigger fired: return the prediction, or fail with the event's message."""
         return self._finish(event, deadline_is_task_timeout=deadline_is_task_timeout)
 
+    def _retry_hint(self, *, cancelled: bool) -> str:
+        return ""  # a sensor creates nothing, and its own timeout is not retried
+
     def _own_timeout_error(self, message: str) -> Exception:
         # The sensor's ``timeout`` passed while deferred: what poke mode raises too (no retry, soft_fail skips).
         return AirflowSensorTimeout(message)
