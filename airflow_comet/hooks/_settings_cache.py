@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from airflow_comet.hooks._protocol import ConnectionSettings
 
-__all__ = ["SETTINGS_TTL", "cached_settings", "forget_settings"]
+__all__ = ["SETTINGS_TTL", "cached_settings", "forget_settings", "settings_expire_at"]
 
 #: Seconds a looked-up connection serves new hooks before it is looked up again.
 SETTINGS_TTL = 30.0
@@ -60,6 +60,13 @@ async def cached_settings(
         if _entries.get(key) is entry:
             del _entries[key]
         raise
+
+
+def settings_expire_at(conn_id: str) -> float:
+    """The loop time at which the settings kept for ``conn_id`` in the running loop expire (now if none)."""
+    loop = asyncio.get_running_loop()
+    entry = _entries.get((id(loop), conn_id))
+    return entry.expires if entry is not None and entry.loop() is loop else loop.time()
 
 
 def forget_settings(conn_id: str) -> None:

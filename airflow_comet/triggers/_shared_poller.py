@@ -14,7 +14,9 @@ their predictions here:
   its requests and its detection latency stay what they were on average;
 - short-lived worker tasks send the queued checks, one each, each through a hook of its own (so
   through the connection's shared pool of connections and request budget, with settings at most
-  ``SETTINGS_TTL`` old), and give each answer to that prediction's own
+  ``SETTINGS_TTL`` old: a worker's hook is handed to the next worker until then, rather than a new hook
+  looking the connection up and taking a share of the pool per check), and give each answer to that
+  prediction's own
   :class:`~airflow_comet.polling.PredictionPoller`, which decides exactly as in the worker's blocking wait.
   A check is sent once: a failed one is retried by the prediction's own schedule (the poller backs off
   after errors), so a worker is never held by another prediction's retries, and a ``429``'s
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import heapq
 import itertools
@@ -42,7 +45,9 @@ from typing import TYPE_CHECKING
 from airflow_comet.exceptions import CometAPIError, CometAPITransportError
 from airflow_comet.hooks._per_loop import Registry, per_loop
 from airflow_comet.hooks._retry import RetryPolicy
+from airflow_comet.hooks._settings_cache import settings_expire_at
 from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet.polling import DEADLINE_SLACK
 
 if TYPE_CHECKING:
     from airflow_comet.hooks._protocol import ConnectionSettings
@@ -132,9 +137,10 @@ class SharedPoller:
         self._workers = 0
         self._checking = 0  # workers waiting on an answer
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
-        # The most recent worker's hook, kept open while anything is followed: it holds a share of the
-        # connection's pool between batches, so keep-alive connections survive the gaps.
-        self._keeper: CometAPIHook | None = None
+        # Hooks of finished workers with the loop time their settings expire (those kept for the loop's
+        # hooks, at most SETTINGS_TTL old), handed to the next workers until then. Each holds a share of the
+        # connection's pool, so its keep-alive connections survive the gaps between ticks.
+        self._idle_hooks: list[tuple[float, CometAPIHook]] = []
         self._settings: ConnectionSettings | None = None  # the last good lookup
 
     @property
@@ -162,9 +168,10 @@ class SharedPoller:
             self._start_workers()
             return
         when = self._loop.time() + delay
-        if delay >= TICK:
-            # Not a shorter delay: that is a wait for a deadline, which rounding could move to just before
-            # it, and the next check again and again.
+        end = watch.poller.end_time
+        if delay >= TICK and (end is None or time.time() + delay < end - DEADLINE_SLACK):
+            # Never the wait for a deadline: rounded to just before it, that check would be one more request
+            # (and a wait shorter than a tick, rounded, could come back again and again until it passed).
             when = round(when / TICK) * TICK
         heapq.heappush(self._due, (when, next(self._order), watch))
         if when < self._timer_at:
@@ -207,7 +214,7 @@ class SharedPoller:
         self._workers -= 1
         if self._ready and not task.cancelled():  # queued while this worker was finishing
             self._start_workers()
-        self._release_keeper_if_idle()
+        self._release_if_idle()
 
     def _watch_backlog(self) -> None:
         """Checks are queued behind the one just begun: look again in BACKLOG_GRACE seconds."""
@@ -226,13 +233,37 @@ class SharedPoller:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _take_hook(self) -> tuple[CometAPIHook, float | None, list[CometAPIHook]]:
+        """An idle hook whose settings have not expired and the loop time they do, or a new hook and ``None``;
+        and the expired idle hooks passed over, for the caller to close."""
+        now = self._loop.time()
+        expired: list[CometAPIHook] = []
+        while self._idle_hooks:
+            expires, hook = self._idle_hooks.pop()
+            if now < expires:
+                return hook, expires, expired
+            expired.append(hook)
+        return CometAPIHook(cometapi_conn_id=self.conn_id, retry_policy=SINGLE_ATTEMPT), None, expired
+
     async def _work(self) -> None:
-        # A hook per worker: its settings are looked up (from the per-loop cache) when the worker starts,
-        # so an edited connection reaches the checks within SETTINGS_TTL, and a 401 that makes it drop its
-        # settings and pool share touches no other worker's checks.
-        hook = CometAPIHook(cometapi_conn_id=self.conn_id, retry_policy=SINGLE_ATTEMPT)
+        # A hook per worker at a time: its settings are looked up (from the per-loop cache) when it is made,
+        # and it serves later workers only until those expire, so an edited connection reaches the checks
+        # within SETTINGS_TTL; a 401 makes a hook drop its settings and pool share, and such a hook is never
+        # handed on, so it touches no other worker's checks.
+        hook, expires, expired = self._take_hook()
+        lookup_error = None
         try:
-            lookup_error = await self._look_up(hook)
+            if expires is None:
+                lookup_error, fresh = await self._look_up(hook)
+                # Handed on only with settings of its own lookup, not the last good ones of a failed one.
+                expires = settings_expire_at(self.conn_id) if fresh else None
+            if expired:
+                # Closed once this hook holds its share of the pool: closed first, they could be its last users
+                # and take the pool's keep-alive connections with them.
+                with contextlib.suppress(Exception):  # a pool that cannot be built fails the check, below
+                    await hook._aget_pool()
+                for old in expired:
+                    await old.aclose()
             while self._ready:
                 watch = self._ready.popleft()
                 if watch.closed:
@@ -243,26 +274,27 @@ class SharedPoller:
                     continue
                 await self._check(hook, watch, lookup_error)
         finally:
-            # The freshest hook that holds a share of the pool becomes the keeper (one after a 401 holds none).
-            if self._open and hook._async_pool is not None:
-                hook, self._keeper = self._keeper, hook
-            if hook is not None:
+            if self._open and expires is not None and hook._settings is not None and hook._async_pool is not None:
+                self._idle_hooks.append((expires, hook))
+            else:
                 await hook.aclose()
 
-    async def _look_up(self, hook: CometAPIHook) -> CometAPITransportError | None:
+    async def _look_up(self, hook: CometAPIHook) -> tuple[CometAPITransportError | None, bool]:
         """Give ``hook`` the connection's settings: fresh, or the last good ones when the lookup fails (an
         API server restarting must not end every wait whose check falls in that moment). With no good ones
-        yet, the failure, as a transient error each check of this worker reports."""
+        yet, the failure, as a transient error each check of this worker reports. Also says whether the
+        settings are fresh (the lookup worked)."""
         try:
             self._settings = await hook.aget_settings()
         except Exception as error:  # noqa: BLE001 - any lookup failure is worth waiting out
             if self._settings is None:
                 return CometAPITransportError(
                     f"looking up connection {self.conn_id!r} failed ({error})", maybe_sent=False
-                )
+                ), False
             log.warning("Looking up connection %s failed (%s); checking with its last settings", self.conn_id, error)
             hook._settings = self._settings
-        return None
+            return None, False
+        return None, True
 
     async def _check(self, hook: CometAPIHook, watch: Watch, lookup_error: CometAPIError | None) -> None:
         self._checking += 1
@@ -299,9 +331,9 @@ class SharedPoller:
     def _closed(self, watch: Watch) -> None:
         # Its heap entry stays until due and is skipped then: removing it now would cost a heap rebuild.
         self._open -= 1
-        self._release_keeper_if_idle()
+        self._release_if_idle()
 
-    def _release_keeper_if_idle(self) -> None:
+    def _release_if_idle(self) -> None:
         """With nothing followed and no worker left, give the pool back and stop the timer."""
         if self._open or self._workers:
             return
@@ -313,9 +345,9 @@ class SharedPoller:
             self._backlog_timer = None
         self._due.clear()
         self._ready.clear()
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            self._spawn(keeper.aclose())
+        idle, self._idle_hooks = self._idle_hooks, []
+        for _, hook in idle:
+            self._spawn(hook.aclose())
 
 
 _pollers: Registry[SharedPoller] = {}
