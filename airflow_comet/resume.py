@@ -86,4 +86,3 @@ def why_not_resumable(prediction: dict[str, Any] | None, now: float) -> str | No
     if completed is None or now - completed > SUCCEEDED_RESUMABLE_FOR:
         return f"it succeeded over {SUCCEEDED_RESUMABLE_FOR / 60:.0f} minutes ago and its output URLs may have expired"
     return None
-

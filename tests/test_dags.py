@@ -122,26 +122,13 @@ def test_timeout_fails_and_cancels(sim):
 
 
 @pytest.mark.parametrize("soft_fail", [False, True])
-def test_poke_mode_sensor_timeout_cancels_the_prediction(sim, soft_fail):
+@pytest.mark.parametrize("mode", ["poke", "deferrable"])
+def test_sensor_timeout_cancels_the_prediction_and_honours_soft_fail(sim, mode, soft_fail):
     sim.set_faults(Faults(never_finish=True))
-    with dag(f"t_poke_timeout_{soft_fail}") as d:
+    waiting = {"mode": "poke", "poke_interval": 0.5} if mode == "poke" else {"deferrable": True}
+    with dag(f"t_{mode}_timeout_{soft_fail}") as d:
         create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
-        PredictionSensor(
-            task_id="wait", prediction_id=create.output, mode="poke", poke_interval=0.5, timeout=2, soft_fail=soft_fail
-        )
-    dr = run(d)
-    assert states(dr) == {"create": "success", "wait": "skipped" if soft_fail else "failed"}
-    [created] = sim.creates()
-    assert len(sim.cancels(created.prediction_id)) == 1
-    assert sim.prediction(created.prediction_id)["status"] == "canceled"
-
-
-@pytest.mark.parametrize("soft_fail", [False, True])
-def test_deferred_sensor_timeout_cancels_and_honours_soft_fail(sim, soft_fail):
-    sim.set_faults(Faults(never_finish=True))
-    with dag(f"t_deferred_timeout_{soft_fail}") as d:
-        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "x"})
-        PredictionSensor(task_id="wait", prediction_id=create.output, deferrable=True, timeout=2, soft_fail=soft_fail)
+        PredictionSensor(task_id="wait", prediction_id=create.output, timeout=2, soft_fail=soft_fail, **waiting)
     dr = run(d)
     assert states(dr) == {"create": "success", "wait": "skipped" if soft_fail else "failed"}
     [created] = sim.creates()

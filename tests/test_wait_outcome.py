@@ -7,17 +7,10 @@ import pytest
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout, AirflowTaskTimeout
 
 from airflow_comet.exceptions import PredictionFailedError
-from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.operators.prediction import CreatePredictionOperator
 from airflow_comet.sensors.prediction import PredictionSensor
-from airflow_comet.testing import Faults
-
-FLUX = "black-forest-labs/flux-schnell"
-
-
-def _running_prediction(sim, **faults: object) -> str:
-    sim.set_faults(Faults(never_finish=True, **faults))
-    return CometAPIHook().create_prediction(FLUX, {"prompt": "x"})["id"]
+from tests.test_dags import FLUX
+from tests.test_trigger import create
 
 
 def _timeout_event(prediction_id: str) -> dict:
@@ -25,13 +18,13 @@ def _timeout_event(prediction_id: str) -> dict:
 
 
 def test_a_timeout_says_the_prediction_was_cancelled_only_when_it_was(sim):
-    cancelled = _running_prediction(sim)
+    cancelled = create(sim, never_finish=True)
     operator = CreatePredictionOperator(task_id="gen", model=FLUX, input={"prompt": "x"})
     with pytest.raises(PredictionFailedError, match="It was cancelled"):
         operator._finish(_timeout_event(cancelled))
     assert sim.prediction(cancelled)["status"] == "canceled"
 
-    still_running = _running_prediction(sim, cancel_unsupported=True)
+    still_running = create(sim, never_finish=True, cancel_unsupported=True)
     operator = CreatePredictionOperator(task_id="gen2", model=FLUX, input={"prompt": "x"})
     with pytest.raises(PredictionFailedError) as info:
         operator._finish(_timeout_event(still_running))
@@ -48,7 +41,7 @@ def test_a_timeout_says_the_prediction_was_cancelled_only_when_it_was(sim):
 def test_a_deferred_sensor_out_of_time_raises_what_a_poking_one_does(sim, deadline_is_task_timeout, expected):
     # The sensor's own timeout: AirflowSensorTimeout, as in poke mode (no retry; soft_fail skips). The task's
     # execution_timeout: AirflowTaskTimeout, as for any task.
-    prediction_id = _running_prediction(sim)
+    prediction_id = create(sim, never_finish=True)
     sensor = PredictionSensor(task_id="wait", prediction_id=prediction_id, deferrable=True, timeout=5)
     with pytest.raises(expected, match="Out of time. It was cancelled") as info:
         sensor.execute_complete({}, event=_timeout_event(prediction_id), deadline_is_task_timeout=deadline_is_task_timeout)

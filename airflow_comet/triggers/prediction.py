@@ -79,7 +79,7 @@ class PredictionTrigger(BaseTrigger):
         watch: Watch | None = None
         try:
             # Looked up now rather than at the first check, which may be poll_interval away: a missing or
-            # broken connection ends the wait at once (the lookup is shared with the loop's other hooks).
+            # broken connection ends the wait within seconds (the lookup is shared with the loop's other hooks).
             await self._check_connection()
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
             # every trigger of the triggerer); this task wakes only for what it logs or yields.
