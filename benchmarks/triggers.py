@@ -186,8 +186,12 @@ async def _run_case(case: Case, args: argparse.Namespace, started: list[Any]) ->
         assert proxy.stdout is not None
         line = (await asyncio.wait_for(proxy.stdout.readline(), timeout=60)).decode()
         api_url = line.split("listening on ", 1)[1].strip()
-        env["SSL_CERT_FILE"] = str(tls_dir / "cert.pem")
+        env["SSL_CERT_FILE"] = str(tls_dir / "cert.pem")  # aiohttp's CAs (HttpSensorTrigger's side)
     extra: dict[str, Any] = {}
+    if args.tls:
+        # The connection's own setting, as a user trusting a company CA would: SSL_CERT_FILE alone loses to
+        # REQUESTS_CA_BUNDLE where that is set (the hook honours it, as requests does).
+        extra["verify"] = str(tls_dir / "cert.pem")
     if case.budget:
         extra["max_requests_per_second"] = case.budget
     env["AIRFLOW_CONN_" + COMET_CONN.upper()] = json.dumps(
@@ -327,9 +331,16 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def _failed_wait(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("status") in ("error", "timeout")
+
+
 def figures(o: Outcome) -> dict[str, Any]:
     n = o.case.n
-    events = o.result["events"]
+    # A wait that ended in an "error" or "timeout" event did not see its prediction end: an error, not a
+    # detection (every side but PredictionTrigger reports only the prediction's own statuses).
+    waits_failed = {pid for pid, (_, payload) in o.result["events"].items() if _failed_wait(payload)}
+    events = {pid: e for pid, e in o.result["events"].items() if pid not in waits_failed}
     per_pid = collections.Counter(r["pid"] for r in o.status_requests)
     windows = collections.Counter(int(r["t"]) for r in o.status_requests)
     durations = {pid: p["sim_duration"] for pid, p in o.predictions.items()}
@@ -353,7 +364,7 @@ def figures(o: Outcome) -> dict[str, Any]:
         "own_loop": o.case.own_loop,
         "ran_with": o.ran_with,
         "events": len(events),
-        "errors": len(o.result["errors"]),
+        "errors": len(o.result["errors"]) + len(waits_failed),
         "timed_out": o.result["timed_out"],
         "cpu_s": o.result["cpu_s"],
         "cpu_user_s": o.result["cpu_user_s"],
