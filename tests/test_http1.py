@@ -294,6 +294,44 @@ async def test_no_answer_within_the_read_timeout():
         await pool.close()
 
 
+async def test_requests_in_flight_together_each_time_out_at_their_own_deadline():
+    # One timer serves every request in flight: a later request with a shorter timeout must still time out
+    # on time, an answered one must be left alone, and one sent after the timer last ran must time out too.
+    server: RawServer
+
+    async def handler(reader, writer, index):
+        while True:
+            request = await server.read_request(reader)
+            if b"/fast" in request:
+                await asyncio.sleep(0.1)
+                writer.write(OK)
+                await writer.drain()
+
+    async with RawServer(handler) as server:
+        pool = _pool(server.url, read=5.0)
+        loop = asyncio.get_running_loop()
+
+        async def timed(path: str, timeout: float) -> tuple[str, float]:
+            started = loop.time()
+            try:
+                await pool.request("GET", path, read_timeout=timeout)
+                outcome = "answered"
+            except AnswerTimeout:
+                outcome = "timed out"
+            return outcome, loop.time() - started
+
+        long_wait = asyncio.ensure_future(timed("/slow", 1.2))
+        await asyncio.sleep(0.05)
+        short, fast = await asyncio.gather(timed("/slow", 0.3), timed("/fast", 0.6))
+        assert short[0] == "timed out" and 0.25 < short[1] < 0.8
+        assert fast[0] == "answered"
+        late = await timed("/slow", 0.2)
+        assert late[0] == "timed out" and 0.15 < late[1] < 0.7
+        outcome, took = await long_wait
+        assert outcome == "timed out" and 1.1 < took < 1.8
+        await pool.close()
+
+
 async def test_a_refused_connection_says_nothing_was_sent():
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

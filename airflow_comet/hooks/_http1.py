@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import re
 import ssl
@@ -52,6 +53,8 @@ IDLE_TIMEOUT = 15.0
 FRESH = 1.0
 #: Idle connections kept at most; more are closed as they come back (a burst needs them only briefly).
 MAX_IDLE = 128
+#: A request whose deadline is this close when the read-timeout timer runs is timed out then.
+_CLOCK_SLACK = 0.001
 
 
 class Response(NamedTuple):
@@ -121,6 +124,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.closed = False
         self.idle_since = 0.0
+        self.timeout = self.deadline = 0.0  # the request in flight's read timeout and its loop time
 
     # -- one exchange ------------------------------------------------------------------------------------
 
@@ -286,6 +290,9 @@ class ConnectionPool:
         self._read_timeout = read_timeout
         self._idle: list[_Connection] = []  # most recently used last
         self._busy: set[_Connection] = set()
+        # One timer for the read timeouts of every request in flight, at the earliest deadline (see _on_sweep).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
         self.closed = False
 
     async def request(
@@ -325,6 +332,9 @@ class ConnectionPool:
         for conn in [*self._idle, *self._busy]:
             conn.close()
         self._idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep, self._sweep_at = None, math.inf
 
     # -- internals ---------------------------------------------------------------------------------------
 
@@ -343,15 +353,16 @@ class ConnectionPool:
 
     async def _exchange(self, conn: _Connection, data: bytes, timeout: float) -> Response:
         loop = asyncio.get_running_loop()
+        conn.timeout, conn.deadline = timeout, loop.time() + timeout
         self._busy.add(conn)
-        timer = loop.call_later(timeout, conn.time_out, timeout)
+        if conn.deadline < self._sweep_at:
+            self._arm_sweep(loop, conn.deadline)
         try:
             response = await conn.send(data, loop)
         except BaseException:  # noqa: BLE001 - cancelled or failed: the answer may still come, on nothing
             conn.close()
             raise
         finally:
-            timer.cancel()
             self._busy.discard(conn)
         if conn.keep_alive and not conn.closed and not self.closed and len(self._idle) < MAX_IDLE:
             conn.idle_since = time.monotonic()
@@ -359,6 +370,31 @@ class ConnectionPool:
         else:
             conn.close()
         return response
+
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = at
+        self._sweep = loop.call_at(at, self._on_sweep, loop)
+
+    def _on_sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time out the requests whose deadline has come; wait for the earliest of the others.
+
+        Why not a timer per request: nearly every request is answered long before its read timeout (90 s by
+        default), so a timer each is made and cancelled for nothing, thousands of times a minute in a
+        triggerer, and the cancelled ones linger in the event loop's heap. This one fires about once per
+        read timeout while requests keep coming, and times each out as exactly as a timer of its own would.
+        """
+        self._sweep, self._sweep_at = None, math.inf
+        now = loop.time() + _CLOCK_SLACK  # asyncio may run a timer a hair before its time
+        soonest = math.inf
+        for conn in list(self._busy):
+            if conn.deadline <= now:
+                conn.time_out(conn.timeout)
+            elif conn.deadline < soonest:
+                soonest = conn.deadline
+        if soonest < math.inf and not self.closed:
+            self._arm_sweep(loop, soonest)
 
     def _take_idle(self, max_idle: float) -> _Connection | None:
         """The most recently used idle connection, if it has been idle under ``max_idle`` seconds."""
