@@ -76,7 +76,7 @@ class PollOutcome:
     problem: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: one object per waiting prediction for the garbage collector, not two
 class PredictionPoller:
     """
     Follows one prediction from its status answers to a final event.

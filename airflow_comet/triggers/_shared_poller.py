@@ -36,7 +36,6 @@ import collections
 import contextlib
 import contextvars
 import heapq
-import itertools
 import logging
 import math
 import time
@@ -127,9 +126,12 @@ class SharedPoller:
     def __init__(self, conn_id: str) -> None:
         self.conn_id = conn_id
         self._loop = asyncio.get_running_loop()
-        self._due: list[tuple[float, int, Watch]] = []  # heap of (loop time, tie-breaker, watch)
+        # The checks due at each loop time (a tick, mostly), and a heap of those times. Not a heap entry per
+        # check: most checks share their tick, and an entry per check would be one more object per check for
+        # the garbage collector to carry into its oldest generation (each waits a second or more).
+        self._due: list[float] = []
+        self._buckets: dict[float, list[Watch]] = {}
         self._ready: collections.deque[Watch] = collections.deque()
-        self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._backlog_timer: asyncio.TimerHandle | None = None
@@ -173,7 +175,12 @@ class SharedPoller:
             # Never the wait for a deadline: rounded to just before it, that check would be one more request
             # (and a wait shorter than a tick, rounded, could come back again and again until it passed).
             when = round(when / TICK) * TICK
-        heapq.heappush(self._due, (when, next(self._order), watch))
+        bucket = self._buckets.get(when)
+        if bucket is not None:
+            bucket.append(watch)
+            return
+        self._buckets[when] = [watch]
+        heapq.heappush(self._due, when)
         if when < self._timer_at:
             self._arm(when)
 
@@ -191,13 +198,13 @@ class SharedPoller:
         self._timer, self._timer_at = None, math.inf
         horizon = self._loop.time() + SLACK
         due = self._due
-        while due and due[0][0] <= horizon:
-            watch = heapq.heappop(due)[2]
-            if not watch.closed:
-                self._ready.append(watch)
+        while due and due[0] <= horizon:
+            for watch in self._buckets.pop(heapq.heappop(due)):
+                if not watch.closed:
+                    self._ready.append(watch)
         self._start_workers()
         if due:
-            self._arm(due[0][0])
+            self._arm(due[0])
 
     # -- workers -----------------------------------------------------------------------------------------
 
@@ -329,7 +336,7 @@ class SharedPoller:
     # -- lifetime ----------------------------------------------------------------------------------------
 
     def _closed(self, watch: Watch) -> None:
-        # Its heap entry stays until due and is skipped then: removing it now would cost a heap rebuild.
+        # It stays in its bucket until that is due and is skipped then: removing it now would cost a search.
         self._open -= 1
         self._release_if_idle()
 
@@ -344,6 +351,7 @@ class SharedPoller:
             self._backlog_timer.cancel()
             self._backlog_timer = None
         self._due.clear()
+        self._buckets.clear()
         self._ready.clear()
         idle, self._idle_hooks = self._idle_hooks, []
         for _, hook in idle:
