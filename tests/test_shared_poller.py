@@ -231,7 +231,8 @@ async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request
     now = time.time()
     poller = shared_poller("cometapi_default")
     watches = [
-        poller.follow(PredictionPoller(slow, started_at=now - 0.01, poll_interval=5)),
+        # The slow one's first check comes well before the late one's (at its deadline, 1.5 s).
+        poller.follow(PredictionPoller(slow, started_at=now - polling.FIRST_POLL_DELAY + 0.5, poll_interval=5)),
         poller.follow(PredictionPoller(late, started_at=now, end_time=now + 1.5, poll_interval=5)),
     ]
     try:

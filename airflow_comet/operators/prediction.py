@@ -43,7 +43,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
     :param wait_for_completion: Wait for the prediction to end before the task succeeds.
     :param deferrable: Wait in the triggerer, freeing the worker slot (default ``[operators]
         default_deferrable``).
-    :param poll_interval: Longest gap between status checks, in seconds; the first come about a second
+    :param poll_interval: Longest gap between status checks, in seconds; the first come under two seconds
         apart.
     :param timeout: Seconds to wait for the prediction before failing and cancelling it (``None``: no
         limit besides ``execution_timeout``).

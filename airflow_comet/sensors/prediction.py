@@ -34,8 +34,8 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
     Wait until a prediction has succeeded; its XCom ``return_value`` is the final prediction object.
 
     Fails when the prediction ends ``failed``, ``canceled`` or ``aborted``, with the API's error text.
-    In deferrable mode the wait runs in the triggerer and holds no worker slot; the trigger polls about
-    a second after creation at first and backs off towards ``poke_interval``.
+    In deferrable mode the wait runs in the triggerer and holds no worker slot; the trigger polls every
+    1.7 s after creation at first and backs off towards ``poke_interval``.
 
     :param prediction_id: The prediction to wait for, usually ``create.output`` (templated).
     :param cometapi_conn_id: The CometAPI connection.

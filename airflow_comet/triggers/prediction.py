@@ -29,7 +29,7 @@ class PredictionTrigger(BaseTrigger):
     :param prediction_id: The prediction to wait for.
     :param cometapi_conn_id: The CometAPI connection.
     :param poll_interval: The longest gap between two status checks, in seconds. The first checks come
-        about a second apart and the gap grows with the prediction's age.
+        1.7 s apart (from creation) and the gap grows with the prediction's age.
     :param started_at: Epoch seconds when the prediction was created (drives the poll schedule).
     :param end_time: Epoch deadline; at it the trigger fires a ``timeout`` event (it does not cancel: the
         task's ``execute_complete`` does, so the failure and the cancel are reported together).
