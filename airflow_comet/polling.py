@@ -65,7 +65,7 @@ def next_poll_delay(age: float, poll_interval: float, rng: random.Random | None 
     return max(0.2, base + jitter)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PollOutcome:
     """After one status check: an ``event`` when the wait is over, else the ``delay`` before the next.
 

@@ -99,6 +99,8 @@ class Watch:
             finally:
                 self._waiter = None
         note = self._notes.popleft()
+        if not self._notes:
+            self._notes = None  # most waits hear two or three notes in all: no deque kept between them
         if isinstance(note, Exception):
             raise note
         return note
