@@ -22,7 +22,8 @@ process only creates the predictions (spread evenly over ``--ramp`` seconds, 70%
 5% 60-120 s), hands each trigger's ``serialize()`` output to the triggerer as a deferring task would, and
 reads the simulator's books through its admin endpoints afterwards. By default the N < 1,000 runs and the
 budget run go together (they are light), and every N >= 1,000 run goes alone, back to back, on an otherwise
-quiet machine (``--serial``: everything alone).
+quiet machine (``--serial``: everything alone; ``--together``: the sides of each N at the same time, so that
+a machine whose speed drifts between runs, as a shared VM's does, changes every side's CPU alike).
 """
 
 from __future__ import annotations
@@ -524,6 +525,11 @@ def plan(args: argparse.Namespace) -> list[list[Case]]:
         cases.append(Case("prediction", max(args.n), own_loop=True))
     if args.serial:
         return [[case] for case in cases]
+    if args.together:
+        # Each N's sides at once: whatever the machine does meanwhile (a VM's neighbours, frequency changes)
+        # it does to every side, so their CPU ratios hold even when a run's absolute figures move.
+        alone = [c for c in cases if c.budget or c.own_loop]
+        return [[c for c in cases if c.n == n and c not in alone] for n in args.n] + [[c] for c in alone]
     light = [c for c in cases if c.n < 1000 or c.budget]
     heavy = [c for c in cases if c not in light]
     return ([light] if light else []) + [[c] for c in heavy]
@@ -555,6 +561,8 @@ def main() -> None:
                         "(default: 5 s, or N / 500 s when longer)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--serial", action="store_true", help="run every case alone, back to back")
+    parser.add_argument("--together", action="store_true",
+                        help="run the sides of each N at the same time (CPU ratios under the same machine conditions)")
     parser.add_argument("--no-greenback", action="store_true", help="skip greenback.ensure_portal() per trigger")
     parser.add_argument("--uvloop", action="store_true", help="run the triggerer's loop on uvloop")
     parser.add_argument("--tls", action="store_true",
@@ -575,6 +583,8 @@ def main() -> None:
         "Every run: its own simulator process and its own triggerer process (CPU and memory are the "
         "triggerer's alone). "
         + ("Every case ran alone, back to back." if args.serial else
+           "The sides of each N ran at the same time (each its own CPU time; they shared the machine's cores)."
+           if args.together else
            "Runs with N >= 1,000 ran alone, back to back, on an otherwise quiet machine; the N < 1,000 runs "
            "and the budget run ran at the same time as one another.")
     )
