@@ -35,7 +35,8 @@ KNEE = 10.0
 #: benchmark) without noticing any end sooner: the end of one that took longer is noticed within a gap of it
 #: either way.
 FIRST_POLL_DELAY = YOUNG_GAP
-#: Checks never come closer together than this, whatever ``poll_interval`` says.
+#: The gap between checks is never set under this, whatever ``poll_interval`` says (jitter moves each check a
+#: little either way).
 MIN_POLL_GAP = 1.0
 #: Past the knee the gap grows with the prediction's age (a fraction of it), up to ``poll_interval``: a
 #: 60 s prediction costs about a dozen status requests, a long one a request every ``poll_interval``.

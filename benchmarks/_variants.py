@@ -39,7 +39,7 @@ def own_loop() -> None:
 
 
 def jitter_first_poll(spread: float = 0.5) -> None:
-    """A suggestion measured, not shipped: a trigger picked up after its prediction's first second polls
+    """A suggestion measured, not shipped: a trigger picked up after its first check was due polls
     within ``spread`` seconds instead of at once, so a batch of late pick-ups does not poll in one burst."""
     import random
 

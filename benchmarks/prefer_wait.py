@@ -6,7 +6,7 @@ Against the simulator in its own process (every prediction runs exactly ``--dura
 prediction at a time, three ways the operator can run:
 
 - ``wait in worker``: ``create_prediction`` then the operator's own blocking wait
-  (``PredictionWaitMixin._wait_in_worker``: the poll schedule, first check 1 s after creation);
+  (``PredictionWaitMixin._wait_in_worker``: the poll schedule, first check 1.7 s after creation);
 - ``deferred``: ``create_prediction`` then ``PredictionTrigger`` run to its event in an event loop, as the
   triggerer would (Airflow's own defer/resume round trip, seconds in a real deployment, is not included);
 - ``prefer_wait=N``: ``create_prediction(..., prefer_wait=N)``, which the simulator (like Replicate) holds

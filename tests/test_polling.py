@@ -33,7 +33,7 @@ def test_first_poll_is_soon_and_gaps_grow_to_the_poll_interval():
     rng = random.Random(0)
     assert poller().first_delay(0.0) == pytest.approx(1.7)  # one young gap after creation
     assert poller().first_delay(1.0) == pytest.approx(0.7)
-    assert poller(poll_interval=0.5).first_delay(0.0) == pytest.approx(1.0)  # never closer than a second
+    assert poller(poll_interval=0.5).first_delay(0.0) == pytest.approx(1.0)  # the gap is never set under 1 s
     assert poller().first_delay(3.0) == 0.0  # picked up late while young: check at once
     young = [next_poll_delay(age, 20, rng) for age in (1, 5, 9)]
     assert all(1.5 <= d <= 1.9 for d in young)  # a young prediction's end is noticed within ~2 s

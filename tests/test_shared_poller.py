@@ -73,7 +73,8 @@ def break_decision_for(monkeypatch: pytest.MonkeyPatch, prediction_id: str) -> s
 
 
 async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
-    sim.set_faults(Faults(durations=(5.5, 6.0)))
+    # Checks at about 1.7, 3.4, 5.1 and 6.8 s: at least four for each (the third can never see the end).
+    sim.set_faults(Faults(durations=(7.0, 7.5)))
     ids = create(40)
     poller = None
     told: list[int] = []
@@ -151,7 +152,8 @@ async def test_one_slow_answer_does_not_hold_back_the_checks_queued_behind_it(si
     try:
         started = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(w.next_outcome() for w in watches[1:])), 10)
-        assert time.monotonic() - started < 1.0 + 2 * _shared_poller.BACKLOG_GRACE + 0.5
+        first = polling.FIRST_POLL_DELAY + _shared_poller.TICK / 2
+        assert time.monotonic() - started < first + 2 * _shared_poller.BACKLOG_GRACE + 0.5
         assert sim.polls(slow) == []  # still waiting for its answer
     finally:
         for watch in watches:
@@ -387,7 +389,7 @@ async def test_a_deadline_between_ticks_costs_no_extra_check(sim, offset):
     event = await asyncio.wait_for(first_event(PredictionTrigger(pid, started_at=started, end_time=deadline)), 10)
     assert event["status"] == "timeout"
     assert abs(time.time() - deadline) < _shared_poller.TICK
-    assert len(sim.polls(pid)) == 2  # at about 1 s and at the deadline (the wait for it is not rounded)
+    assert len(sim.polls(pid)) == 2  # at about 1.7 s and at the deadline (the wait for it is not rounded)
 
 
 async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_connections(sim, monkeypatch):
@@ -411,7 +413,9 @@ async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_conn
     monkeypatch.setattr(CometAPIHook, "_alook_up_settings", counted)
     poller = shared_poller("cometapi_default")
     now = time.time()
-    watches = [poller.follow(PredictionPoller(pid, started_at=now - 1.0, poll_interval=5)) for pid in ids]
+    watches = [
+        poller.follow(PredictionPoller(pid, started_at=now - polling.FIRST_POLL_DELAY, poll_interval=5)) for pid in ids
+    ]
     try:
         await asyncio.sleep(3.0)
         checks_before_edit = sum(len(sim.polls(pid)) for pid in ids)

@@ -171,3 +171,16 @@ async def test_log_says_the_first_status_each_nonsense_answer_and_how_the_wait_e
     assert f"Prediction {prediction_id} is processing" in logged  # the first status that made sense
     assert f"Prediction {prediction_id} succeeded. (" in logged and "status checks in" in logged
     assert API_KEY not in logged
+
+
+def test_triggers_share_their_class_logger_and_a_subclass_has_its_own():
+    # One logger per class, not per trigger (on Airflow 3 each was about ten objects kept for the whole wait);
+    # a subclass logs under its own name, not through the logger of the class it inherits from.
+    class CustomTrigger(PredictionTrigger):
+        pass
+
+    first, second = PredictionTrigger("p1"), PredictionTrigger("p2")
+    assert first.log is second.log
+    custom = CustomTrigger("p3").log
+    assert custom is CustomTrigger("p4").log
+    assert custom is not first.log

@@ -67,6 +67,10 @@ class PredictionTrigger(BaseTrigger):
             },
         )
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._log = None  # a subclass makes its own class logger (its own name), not this class's
+
     @property
     def log(self) -> Logger:
         """One logger for every ``PredictionTrigger`` (the class's), not one per trigger.
