@@ -131,6 +131,7 @@ class Runner:
             self.gc_total += took
             self.gc_max[gen] = max(self.gc_max[gen], took)
 
+        self.gc_callback = callback
         gc.callbacks.append(callback)
 
     def trigger_class(self, classpath: str) -> type:
@@ -210,6 +211,8 @@ class Runner:
         if self.profile is not None:
             self.profile.disable()
         rss_peak = _status_kb("VmHWM")
+        # Collections while the triggers are torn down below are not the run's: stop timing them now.
+        gc.callbacks.remove(self.gc_callback)
         self.finished.set()
         for task in list(self.tasks):
             task.cancel()

@@ -523,7 +523,8 @@ def machine() -> str:
 
 
 def plan(args: argparse.Namespace) -> list[list[Case]]:
-    cases = [Case(side, n) for n in args.n for side in args.sides]
+    per_n = [[Case(side, n) for side in args.sides] for n in args.n]  # --n 1000 1000: two runs of each side
+    cases = [case for group in per_n for case in group]
     if args.budget:
         cases.append(Case("prediction", args.budget_n, budget=args.budget))
     if args.compare_own_loop:
@@ -533,8 +534,7 @@ def plan(args: argparse.Namespace) -> list[list[Case]]:
     if args.together:
         # Each N's sides at once: whatever the machine does meanwhile (a VM's neighbours, frequency changes)
         # it does to every side, so their CPU ratios hold even when a run's absolute figures move.
-        alone = [c for c in cases if c.budget or c.own_loop]
-        return [[c for c in cases if c.n == n and c not in alone] for n in args.n] + [[c] for c in alone]
+        return per_n + [[c] for c in cases if c.budget or c.own_loop]
     light = [c for c in cases if c.n < 1000 or c.budget]
     heavy = [c for c in cases if c not in light]
     return ([light] if light else []) + [[c] for c in heavy]
