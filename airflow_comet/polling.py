@@ -58,10 +58,15 @@ MAX_BAD_ANSWERS = 10
 _LARGE_VALUE = 1024
 
 
+def _longest_gap(poll_interval: float) -> float:
+    """The longest gap the schedule may leave between checks: ``poll_interval``, never under ``MIN_POLL_GAP``."""
+    return max(poll_interval, MIN_POLL_GAP)
+
+
 def next_poll_delay(age: float, poll_interval: float, rng: random.Random | None = None) -> float:
     """Seconds until the next status check of a prediction that is ``age`` seconds old."""
     base = YOUNG_GAP if age < KNEE else max(YOUNG_GAP, age * POLL_GROWTH)
-    base = min(base, max(poll_interval, MIN_POLL_GAP))
+    base = min(base, _longest_gap(poll_interval))
     jitter = (rng or random).uniform(-POLL_JITTER, POLL_JITTER) * base
     return max(0.2, base + jitter)
 
@@ -114,7 +119,7 @@ class PredictionPoller:
         """Delay before the first poll: ``FIRST_POLL_DELAY`` after creation; at once for a young prediction picked
         up late; on the schedule for an old one (a restarted triggerer must not poll all of them at once)."""
         age = now - self.started_at
-        first = min(FIRST_POLL_DELAY, max(self.poll_interval, MIN_POLL_GAP))
+        first = min(FIRST_POLL_DELAY, _longest_gap(self.poll_interval))
         if age < first:
             return self._clip(first - age, now)
         if age < KNEE:
