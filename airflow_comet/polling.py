@@ -56,6 +56,7 @@ MAX_FATAL_ERRORS = 3
 MAX_BAD_ANSWERS = 10
 
 _LARGE_VALUE = 1024
+_KNOWN_STATUSES = NON_TERMINAL_STATUSES | FAILED_STATUSES | {"succeeded"}  # built once, not per answer
 
 
 def _longest_gap(poll_interval: float) -> float:
@@ -130,7 +131,7 @@ class PredictionPoller:
         """Decide after a status check answered with ``prediction``."""
         self.polls += 1
         status = prediction.get("status") if isinstance(prediction, dict) else None
-        if not isinstance(status, str) or status not in NON_TERMINAL_STATUSES | FAILED_STATUSES | {"succeeded"}:
+        if not isinstance(status, str) or status not in _KNOWN_STATUSES:
             return self._bad_answer(f"the answer has no known status (status={status!r})", now)
         self.last_prediction = compact_prediction(prediction)
         self._fatal_errors = self._bad_answers = self._transient_errors = 0

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["per_loop"]
 
@@ -22,8 +22,10 @@ Registry = dict[tuple[int, str], tuple["weakref.ref[asyncio.AbstractEventLoop]",
 _lock = threading.Lock()
 
 
-def per_loop(registry: Registry[T], name: str, make: Callable[[], T]) -> T:
-    """The object kept in ``registry`` under ``name`` for the running loop; ``make()`` builds it on first use.
+def per_loop(registry: Registry[T], name: str, make: Callable[..., T], *args: Any) -> T:
+    """The object kept in ``registry`` under ``name`` for the running loop; ``make(*args)`` builds it on first
+    use (arguments rather than a closure: callers look up once per request, and a closure would be built on
+    every lookup for the few that create).
 
     Creating one also drops the entries of loops that are closed or gone, so the registry never grows with
     dead loops.
@@ -39,6 +41,6 @@ def per_loop(registry: Registry[T], name: str, make: Callable[[], T]) -> T:
                     old = ref()
                     if old is None or old.is_closed():
                         del registry[stale]
-                entry = (weakref.ref(loop), make())
+                entry = (weakref.ref(loop), make(*args))
                 registry[key] = entry
     return entry[1]

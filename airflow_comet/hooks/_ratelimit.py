@@ -157,7 +157,7 @@ def request_budget(conn_id: str, rate: float | None) -> RequestBudget:
     ``rate`` is the connection's current ``max_requests_per_second``; when it changed since the budget was
     created (the connection was edited), the newest value wins.
     """
-    budget = per_loop(_budgets, conn_id, lambda: RequestBudget(rate))
+    budget = per_loop(_budgets, conn_id, RequestBudget, rate)
     if budget.rate != rate:
         budget.rate = rate
     return budget
