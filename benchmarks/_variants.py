@@ -123,27 +123,3 @@ def aiohttp_transport() -> None:
                 raise _http1.ConnectionLost(str(error), answered=True) from None
 
     cometapi.new_connection_pool = AiohttpPool  # type: ignore[assignment]
-
-
-def quiet_first_status() -> None:
-    """A suggestion measured, not shipped: no INFO line for a prediction's first status (one log line per
-    prediction instead of two; the line that says how the wait ended stays). Not shipped because that line
-    is how a task's log shows that a triggerer picked its wait up (tests/reliability read it after a
-    triggerer is lost)."""
-    from airflow_comet.triggers.prediction import PredictionTrigger
-
-    base = PredictionTrigger.log
-
-    class Quiet:
-        def __init__(self, log):  # type: ignore[no-untyped-def]
-            self._log = log
-
-        def info(self, msg, *args):  # type: ignore[no-untyped-def]
-            if msg.startswith("Prediction %s is"):
-                return
-            self._log.info(msg, *args)
-
-        def __getattr__(self, name):  # type: ignore[no-untyped-def]
-            return getattr(self._log, name)
-
-    PredictionTrigger.log = property(lambda self: Quiet(base.__get__(self)))  # type: ignore[assignment]

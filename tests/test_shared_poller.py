@@ -96,7 +96,8 @@ async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
     assert [e["status"] for e in events] == ["succeeded"] * 40
     assert [e["prediction_id"] for e in events] == ids
     polls = sum(len(sim.polls(pid)) for pid in ids)
-    # Each trigger's task woke for its first status, maybe one change, and its end: not for every check.
+    # Each trigger's task woke for its first status, maybe one change (if its DEBUG lines are kept), and its
+    # end: not for every check.
     assert polls >= 4 * 40
     assert len(told) <= 3 * 40
     # Everything let go: nothing followed, no worker left, the pool closed with its last user.
@@ -176,6 +177,30 @@ async def test_failed_checks_are_told_to_the_trigger_and_retried_on_its_schedule
         assert outcome.event["status"] == "succeeded"
     finally:
         watch.close()
+
+
+async def test_a_watch_hears_status_changes_only_when_its_trigger_would_log_them(sim):
+    # Both predictions go processing, then succeeded; the quiet watch's trigger wakes once, for the end.
+    sim.set_faults(Faults(durations=3.0))
+    told, quiet = create(2)
+    poller = shared_poller("cometapi_default")
+    now = time.time()
+    watches = {
+        pid: poller.follow(PredictionPoller(pid, started_at=now, poll_interval=5), tell_changes=pid == told)
+        for pid in (told, quiet)
+    }
+    heard: dict[str, list] = {told: [], quiet: []}
+    try:
+        for pid, watch in watches.items():
+            while (outcome := await asyncio.wait_for(watch.next_outcome(), 15)).event is None:
+                heard[pid].append(outcome.new_status)
+            heard[pid].append(outcome.event["status"])
+    finally:
+        for watch in watches.values():
+            watch.close()
+    assert heard[told] == ["processing", "succeeded"]
+    assert heard[quiet] == ["succeeded"]
+    assert len(sim.polls(quiet)) >= 2  # checked as often as the other: only the telling differs
 
 
 async def test_a_failed_connection_lookup_mid_wait_does_not_end_the_wait(sim, monkeypatch):

@@ -21,9 +21,10 @@ their predictions here:
   A check is sent once: a failed one is retried by the prediction's own schedule (the poller backs off
   after errors), so a worker is never held by another prediction's retries, and a ``429``'s
   ``Retry-After`` still pauses the whole connection (the budget);
-- a trigger's own task wakes only for what it logs or yields: the first status, a change, a failed check,
-  an answer that made no sense, the end; a check queued long past its deadline is not sent (the timeout
-  fires at once), and a connection lookup that fails mid-wait leaves the checks on the last good settings.
+- a trigger's own task wakes only for what it logs or yields: a status change (when its trigger logs
+  them), a failed check, an answer that made no sense, the end; a check queued long past its deadline is
+  not sent (the timeout fires at once), and a connection lookup that fails mid-wait leaves the checks on the
+  last good settings.
 
 The workers run in an empty ``contextvars`` context: a trigger's log context (Airflow routes a trigger's log
 lines by it) never follows another trigger's status check. Kept per event loop (:mod:`._per_loop`).
@@ -82,17 +83,19 @@ _TASK_TAKES_CONTEXT = sys.version_info >= (3, 11)  # loop.create_task(..., conte
 class Watch:
     """One prediction followed by the shared poller; its trigger awaits :meth:`next_outcome`."""
 
-    __slots__ = ("_notes", "_owner", "_waiter", "closed", "poller")
+    __slots__ = ("_notes", "_owner", "_waiter", "closed", "poller", "tell_changes")
 
-    def __init__(self, owner: SharedPoller, poller: PredictionPoller) -> None:
+    def __init__(self, owner: SharedPoller, poller: PredictionPoller, tell_changes: bool = True) -> None:
         self._owner = owner
         self.poller = poller
+        self.tell_changes = tell_changes
         self.closed = False
         self._notes: collections.deque[PollOutcome | Exception] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     async def next_outcome(self) -> PollOutcome:
-        """The next outcome worth telling (a new status, a problem, or the event that ends the wait).
+        """The next outcome worth telling (a new status if ``tell_changes``, a problem, or the event that ends
+        the wait).
 
         Raises what a status check raised that was not an API error (the wait cannot go on).
         """
@@ -164,9 +167,13 @@ class SharedPoller:
         """Worker tasks running right now (each has at most one status check on the wire)."""
         return self._workers
 
-    def follow(self, poller: PredictionPoller) -> Watch:
-        """Start following ``poller``'s prediction: its first check comes at ``poller.first_delay``."""
-        watch = Watch(self, poller)
+    def follow(self, poller: PredictionPoller, *, tell_changes: bool = True) -> Watch:
+        """Start following ``poller``'s prediction: its first check comes at ``poller.first_delay``.
+
+        :param tell_changes: Whether the watch hears of status changes, or only of problems and the end (a
+            trigger that would not log them need not wake for them).
+        """
+        watch = Watch(self, poller, tell_changes)
         self._open += 1
         self._schedule(watch, poller.first_delay(time.time()))
         return watch
@@ -332,7 +339,7 @@ class SharedPoller:
             return
         if outcome.event is None:
             self._schedule(watch, outcome.delay)
-        if outcome.event is not None or outcome.new_status or outcome.problem:
+        if outcome.event is not None or outcome.problem or (outcome.new_status and watch.tell_changes):
             watch._tell(outcome)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from logging import Logger
@@ -98,8 +99,11 @@ class PredictionTrigger(BaseTrigger):
             # broken connection ends the wait within seconds (the lookup is shared with the loop's other hooks).
             await self._check_connection()
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
-            # every trigger of the triggerer); this task wakes only for what it logs or yields.
-            watch = shared_poller(self.cometapi_conn_id).follow(poller)
+            # every trigger of the triggerer); this task wakes only for what it logs or yields: status changes
+            # only when they would be logged (they are DEBUG lines, see below).
+            watch = shared_poller(self.cometapi_conn_id).follow(
+                poller, tell_changes=self.log.isEnabledFor(logging.DEBUG)
+            )
             while True:
                 outcome = await watch.next_outcome()
                 if outcome.event is not None:
@@ -113,11 +117,10 @@ class PredictionTrigger(BaseTrigger):
                     yield TriggerEvent(outcome.event)
                     return
                 if outcome.new_status:
-                    # The first status at INFO (the wait is alive), later changes at DEBUG: a log line
-                    # costs the triggerer more CPU than a status request, and the INFO line above says
-                    # how the wait ended.
-                    log = self.log.info if outcome.previous_status is None else self.log.debug
-                    log("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                    # At DEBUG (``[logging] namespace_levels`` can show them): a log line costs the triggerer
+                    # more CPU than a status request, Airflow already logs that the trigger started, and the
+                    # INFO line above says how the wait ended.
+                    self.log.debug("Prediction %s is %s", self.prediction_id, outcome.new_status)
                 elif outcome.problem:
                     self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         except (asyncio.CancelledError, GeneratorExit):
