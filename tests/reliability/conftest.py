@@ -89,9 +89,6 @@ def reliability_config(database_url: str | None, **overrides: Any) -> Deployment
             },
             "scheduler": {"max_tis_per_query": 64},
             "core": {"max_active_tasks_per_dag": 200, "max_active_runs_per_dag": 16},
-            # The trigger's status lines are DEBUG; the scenarios read them to see which triggerer is polling
-            # (helpers.running_trigger), as a user shows them (README, "Logs").
-            "logging": {"namespace_levels": "airflow_comet.triggers.prediction=DEBUG"},
         },
         start_timeout=300.0,
         migrate_timeout=240.0,

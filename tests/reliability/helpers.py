@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from airflow_comet.operators._waiting import XCOM_DEFERRED_PREDICTION_ID
 from tests.e2e.deployment import AirflowDeployment, Component, SimulatorClient
 from tests.reliability.common import TRIGGERER_HEALTH_THRESHOLD
 
@@ -74,8 +75,10 @@ def task_instances(dep: AirflowDeployment, dag_id: str, run_id: str) -> list[dic
 
 
 def running_trigger(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: str, timeout: float = 60.0) -> int:
-    """Wait until the task is deferred, a triggerer holds its trigger and the trigger has polled at least
-    once (its log says what the prediction is doing); returns the triggerer's job id."""
+    """Wait until the task is deferred, a triggerer holds its trigger and runs it (Airflow's "trigger ...
+    starting" line in that triggerer's log for the task), and the trigger has checked the prediction at least
+    once (the simulator's request log; the trigger logs status changes at DEBUG only); returns the
+    triggerer's job id."""
 
     def held() -> int | None:
         ti = dep.api.task_instance(dag_id, run_id, task_id)
@@ -83,10 +86,22 @@ def running_trigger(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: s
         job = trigger.get("triggerer_id")
         if ti.get("state") != "deferred" or not job:
             return None
-        text = trigger_log(dep, dag_id, run_id, task_id, job)
-        return job if "Prediction " in text and (" is starting" in text or " is processing" in text) else None
+        if not TRIGGER_STARTED.search(trigger_log(dep, dag_id, run_id, task_id, job)):
+            return None
+        return job if status_checks(dep, dag_id, run_id, task_id) else None
 
     return wait(dep, held, timeout, f"{dag_id}.{task_id} to be deferred and polled by a triggerer", interval=0.3)
+
+
+#: What Airflow's triggerer logs, in the trigger's own log, as it starts running a trigger.
+TRIGGER_STARTED = re.compile(r"trigger \S+ \(ID \d+\) starting")
+
+
+def status_checks(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:
+    """The status checks the simulator answered for the prediction the task deferred on."""
+    assert dep.simulator is not None
+    prediction_id = dep.api.xcom(dag_id, run_id, task_id, key=XCOM_DEFERRED_PREDICTION_ID)
+    return dep.simulator.requests(prediction_id=prediction_id, method="GET")
 
 
 def trigger_moved(

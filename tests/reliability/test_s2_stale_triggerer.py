@@ -26,8 +26,10 @@ from tests.reliability.helpers import (
     running_trigger,
     signal_component,
     start_run,
+    status_checks,
     trigger_log,
     trigger_moved,
+    TRIGGER_STARTED,
     wait,
 )
 
@@ -53,13 +55,15 @@ def test_stale_triggerer_losing_its_trigger_does_not_cancel(
     signal_component(stale, signal.SIGSTOP)
     try:
         assert wait(dep, lambda: is_stopped(stale.pid), 5, f"{stale.name} to stop")
+        checks_before = len(status_checks(dep, DAG_ID, run_id, "generate"))  # the stale one can send no more
         new_job = trigger_moved(
             dep, DAG_ID, run_id, "generate", away_from=stale_job, what="the trigger to move to the other triggerer"
         )
         moved_seconds = time.monotonic() - stopped
         wait(
             dep,
-            lambda: " is processing" in trigger_log(dep, DAG_ID, run_id, "generate", new_job),
+            lambda: TRIGGER_STARTED.search(trigger_log(dep, DAG_ID, run_id, "generate", new_job))
+            and len(status_checks(dep, DAG_ID, run_id, "generate")) > checks_before,
             60,
             "the other triggerer to poll",
         )
