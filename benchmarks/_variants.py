@@ -31,8 +31,8 @@ def own_loop() -> None:
                     self.log.info("%s (%d status checks)", outcome.event["message"], poller.polls)
                     yield TriggerEvent(outcome.event)
                     return
-                if outcome.new_status and outcome.previous_status is None:
-                    self.log.info("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                if outcome.new_status:  # DEBUG, as the shipped trigger logs them (since 3dd3cc1; INFO before)
+                    self.log.debug("Prediction %s is %s", self.prediction_id, outcome.new_status)
                 delay = outcome.delay
 
     PredictionTrigger.run = run  # type: ignore[method-assign]

@@ -151,7 +151,7 @@ async def test_on_kill_respects_cancel_on_kill_false(sim):
 
 
 class _DebugLoggingTrigger(PredictionTrigger):
-    """Logs through a logger enabled for DEBUG, as ``[logging] namespace_levels`` can set the class's."""
+    """Logs through a logger enabled for DEBUG (as on a triggerer whose ``[logging] logging_level`` is DEBUG)."""
 
     @property
     def log(self) -> logging.Logger:

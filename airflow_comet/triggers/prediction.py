@@ -101,9 +101,7 @@ class PredictionTrigger(BaseTrigger):
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
             # every trigger of the triggerer); this task wakes only for what it logs or yields: status changes
             # only when they would be logged (they are DEBUG lines, see below).
-            watch = shared_poller(self.cometapi_conn_id).follow(
-                poller, tell_changes=self.log.isEnabledFor(logging.DEBUG)
-            )
+            watch = shared_poller(self.cometapi_conn_id).follow(poller, tell_changes=self._logs_debug())
             while True:
                 outcome = await watch.next_outcome()
                 if outcome.event is not None:
@@ -117,9 +115,8 @@ class PredictionTrigger(BaseTrigger):
                     yield TriggerEvent(outcome.event)
                     return
                 if outcome.new_status:
-                    # At DEBUG (``[logging] namespace_levels`` can show them): a log line costs the triggerer
-                    # more CPU than a status request, Airflow already logs that the trigger started, and the
-                    # INFO line above says how the wait ended.
+                    # At DEBUG: a log line costs the triggerer more CPU than a status request, Airflow
+                    # already logs that the trigger started, and the INFO line above says how the wait ended.
                     self.log.debug("Prediction %s is %s", self.prediction_id, outcome.new_status)
                 elif outcome.problem:
                     self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
@@ -138,6 +135,12 @@ class PredictionTrigger(BaseTrigger):
         finally:
             if watch is not None:
                 watch.close()
+
+    def _logs_debug(self) -> bool:
+        """Whether this trigger's DEBUG lines are kept (a logger without the stdlib's ``isEnabledFor``, as a
+        plain structlog one: assumed so)."""
+        enabled = getattr(self.log, "isEnabledFor", None)
+        return True if enabled is None else bool(enabled(logging.DEBUG))
 
     async def _check_connection(self) -> None:
         """Raise when the connection cannot be used, after a few tries over about half a minute.

@@ -75,10 +75,11 @@ def task_instances(dep: AirflowDeployment, dag_id: str, run_id: str) -> list[dic
 
 
 def running_trigger(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: str, timeout: float = 60.0) -> int:
-    """Wait until the task is deferred, a triggerer holds its trigger and runs it (Airflow's "trigger ...
-    starting" line in that triggerer's log for the task), and the trigger has checked the prediction at least
-    once (the simulator's request log; the trigger logs status changes at DEBUG only); returns the
-    triggerer's job id."""
+    """Wait until the task is deferred, a triggerer holds its trigger, and the trigger has checked the
+    prediction at least once (the simulator's request log; the trigger logs status changes at DEBUG only);
+    returns the triggerer's job id. On Airflow 3 also until that triggerer's log for the task says it runs
+    the trigger (Airflow's "trigger ... starting" line, which tells two triggerers apart; Airflow 2 logs it
+    in the triggerer's own log, not the task's, and its deployments here have one triggerer)."""
 
     def held() -> int | None:
         ti = dep.api.task_instance(dag_id, run_id, task_id)
@@ -86,14 +87,14 @@ def running_trigger(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: s
         job = trigger.get("triggerer_id")
         if ti.get("state") != "deferred" or not job:
             return None
-        if not TRIGGER_STARTED.search(trigger_log(dep, dag_id, run_id, task_id, job)):
+        if dep.airflow3 and not TRIGGER_STARTED.search(trigger_log(dep, dag_id, run_id, task_id, job)):
             return None
         return job if status_checks(dep, dag_id, run_id, task_id) else None
 
     return wait(dep, held, timeout, f"{dag_id}.{task_id} to be deferred and polled by a triggerer", interval=0.3)
 
 
-#: What Airflow's triggerer logs, in the trigger's own log, as it starts running a trigger.
+#: What Airflow 3's triggerer logs, in the trigger's own log, as it starts running a trigger.
 TRIGGER_STARTED = re.compile(r"trigger \S+ \(ID \d+\) starting")
 
 
@@ -101,7 +102,7 @@ def status_checks(dep: AirflowDeployment, dag_id: str, run_id: str, task_id: str
     """The status checks the simulator answered for the prediction the task deferred on."""
     assert dep.simulator is not None
     prediction_id = dep.api.xcom(dag_id, run_id, task_id, key=XCOM_DEFERRED_PREDICTION_ID)
-    return dep.simulator.requests(prediction_id=prediction_id, method="GET")
+    return dep.simulator.requests(prediction_id=prediction_id, endpoint="status")
 
 
 def trigger_moved(
