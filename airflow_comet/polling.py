@@ -20,7 +20,7 @@ from airflow_comet.exceptions import (
     CometAPINotFoundError,
     CometAPITransportError,
 )
-from airflow_comet.hooks._protocol import FAILED_STATUSES, NON_TERMINAL_STATUSES
+from airflow_comet.hooks._protocol import NON_TERMINAL_STATUSES, TERMINAL_STATUSES
 
 #: The statuses a finished wait reports (the ``status`` of every trigger event).
 EVENT_STATUSES = frozenset({"succeeded", "failed", "canceled", "timeout", "error"})
@@ -56,7 +56,7 @@ MAX_FATAL_ERRORS = 3
 MAX_BAD_ANSWERS = 10
 
 _LARGE_VALUE = 1024
-_KNOWN_STATUSES = NON_TERMINAL_STATUSES | FAILED_STATUSES | {"succeeded"}  # built once, not per answer
+_KNOWN_STATUSES = NON_TERMINAL_STATUSES | TERMINAL_STATUSES  # built once, not per answer
 
 
 def _longest_gap(poll_interval: float) -> float:

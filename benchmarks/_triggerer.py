@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._measure import cpu_seconds
+
 TICK = 0.05
 
 
@@ -38,11 +40,6 @@ def _status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _cpu_split() -> tuple[float, float]:
@@ -191,7 +188,7 @@ class Runner:
         rss_base = _status_kb("VmRSS")
         if self.profile is not None:
             self.profile.enable()
-        cpu_start, wall_start = _cpu(), time.monotonic()
+        cpu_start, wall_start = cpu_seconds(), time.monotonic()
         split_start = _cpu_split()
         self.watch_gc()
         watchdog = asyncio.create_task(self.watchdog())
@@ -205,7 +202,7 @@ class Runner:
                 await asyncio.wait_for(self.finished.wait(), timeout=1.0)  # TriggerRunner: move_on_after(1)
             except asyncio.TimeoutError:
                 pass
-        cpu = _cpu() - cpu_start
+        cpu = cpu_seconds() - cpu_start
         split = [b - a for a, b in zip(split_start, _cpu_split())]
         wall = time.monotonic() - wall_start
         if self.profile is not None:

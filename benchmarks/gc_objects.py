@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._measure import start_waiting  # noqa: E402
 from benchmarks._sim import SimProcess  # noqa: E402
 
 SIDES = ("idle", "prediction", "http_sensor", "naive")
@@ -57,22 +58,10 @@ async def measure(side: str, n: int) -> dict[str, Any]:
     try:
         os.environ.update(sim.connection_env())
         triggers = [_trigger(side, pid) for pid in await sim.create_predictions(n)]
-        try:
-            import greenback
-        except ImportError:
-            greenback = None
-
-        async def run(trigger: Any, delay: float) -> None:
-            await asyncio.sleep(delay)
-            if greenback is not None:
-                await greenback.ensure_portal()  # as Airflow 3's triggerer does per trigger
-            async for _ in trigger.run():
-                break
-
         gc.collect()
         gc.freeze()
         before = len(gc.get_objects())
-        tasks = [asyncio.create_task(run(t, 5.0 * i / n)) for i, t in enumerate(triggers)]
+        tasks = start_waiting(triggers, 5.0)
         await asyncio.sleep(17)
         gc.collect()
         objects = gc.get_objects()

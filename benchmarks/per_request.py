@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -23,15 +22,11 @@ if str(REPO) not in sys.path:
 
 import aiohttp  # noqa: E402
 
+from benchmarks._measure import cpu_seconds  # noqa: E402
 from benchmarks._sim import SimProcess  # noqa: E402
 
 KEY = "per-request-key"
 REQUESTS, POLLERS, ROUNDS = 3000, 16, 3
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def main() -> None:
@@ -54,9 +49,9 @@ async def main() -> None:
                             json.loads(await response.read())
 
                 await bare()  # warm the pool
-                start = _cpu()
+                start = cpu_seconds()
                 await asyncio.gather(*(bare() for _ in range(POLLERS)))
-                per_request["bare aiohttp"].append((_cpu() - start) / REQUESTS)
+                per_request["bare aiohttp"].append((cpu_seconds() - start) / REQUESTS)
             hooks = [CometAPIHook("cb") for _ in range(POLLERS)]
             for hook in hooks:
                 await hook.__aenter__()
@@ -65,9 +60,9 @@ async def main() -> None:
                 for _ in range(REQUESTS // POLLERS):
                     await hook.aget_prediction(prediction_id)
 
-            start = _cpu()
+            start = cpu_seconds()
             await asyncio.gather(*(through(hook) for hook in hooks))
-            per_request["CometAPIHook"].append((_cpu() - start) / REQUESTS)
+            per_request["CometAPIHook"].append((cpu_seconds() - start) / REQUESTS)
             for hook in hooks:
                 await hook.__aexit__(None, None, None)
         for name, values in per_request.items():

@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,12 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def measure(code: Path, n: int, window: float) -> dict[str, object]:
+    from benchmarks._measure import cpu_seconds, start_waiting
     from benchmarks._sim import SimProcess
 
     sim = await SimProcess("steady-key", {"durations": {"black-forest-labs/flux-schnell": [600, 600]}}).start()
@@ -48,24 +43,12 @@ async def measure(code: Path, n: int, window: float) -> dict[str, object]:
 
         if not Path(airflow_comet.__file__).resolve().is_relative_to(code):
             raise RuntimeError(f"measuring {code} but imported {airflow_comet.__file__}")
-        try:
-            import greenback
-        except ImportError:  # Airflow 2
-            greenback = None
         now = time.time()
         triggers = [
             PredictionTrigger(pid, cometapi_conn_id="cb", started_at=now - 30, end_time=now + 3600, poll_interval=2.0)
             for pid in await sim.create_predictions(n)
         ]
-
-        async def run(trigger: PredictionTrigger, delay: float) -> None:
-            await asyncio.sleep(delay)
-            if greenback is not None:
-                await greenback.ensure_portal()
-            async for _ in trigger.run():
-                break
-
-        tasks = [asyncio.create_task(run(t, 2.0 * i / n)) for i, t in enumerate(triggers)]
+        tasks = start_waiting(triggers, 2.0)
         await asyncio.sleep(6)
         collections = [0, 0, 0]
 
@@ -74,9 +57,9 @@ async def measure(code: Path, n: int, window: float) -> dict[str, object]:
                 collections[info["generation"]] += 1
 
         gc.callbacks.append(count)
-        requests_before, cpu_before = (await sim.admin("stats"))["requests"], _cpu()
+        requests_before, cpu_before = (await sim.admin("stats"))["requests"], cpu_seconds()
         await asyncio.sleep(window)
-        cpu = _cpu() - cpu_before
+        cpu = cpu_seconds() - cpu_before
         checks = (await sim.admin("stats"))["requests"] - requests_before  # admin calls are not recorded
         if not checks:
             raise RuntimeError("no status check in the window")
@@ -99,8 +82,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         code = Path(args.one).resolve()
-        # That checkout's airflow_comet (ahead of the editable install's finder) and its benchmarks helpers.
-        sys.path[:0] = [str(code), str(REPO)]
+        # This checkout's benchmark helpers (imported first, so the package stays this one's), then that
+        # checkout's airflow_comet, ahead of this one and of the editable install's finder.
+        sys.path.insert(0, str(REPO))
+        import benchmarks._measure  # noqa: F401
+        import benchmarks._sim  # noqa: F401
+
+        sys.path.insert(0, str(code))
         logging.disable(logging.WARNING)
         print(json.dumps(asyncio.run(measure(code, args.n, args.window))))
         return
