@@ -222,6 +222,8 @@ async def _run_case(case: Case, args: argparse.Namespace, started: list[Any]) ->
         command.append("--uvloop")
     if args.gc_freeze:
         command.append("--gc-freeze")
+    if args.gc_census:
+        command.append("--gc-census")
     if case.side == "prediction":
         for name in args.variant:
             command += ["--variant", name]
@@ -404,6 +406,8 @@ def figures(o: Outcome) -> dict[str, Any]:
         "gc_full_max_ms": o.result["gc_max_s"][2] * 1000,
         "gc_full_count": o.result["gc_count"][2],
         "gc_total_s": o.result["gc_total_s"],
+        "full_gcs": o.result["full_gcs"],
+        "startup_objects": o.result["startup_objects"],
         "max_rps": max(windows.values(), default=0),
         "max_rps_all": o.stats["max_requests_per_second"],
         "peak_cpu_triggerer": o.peak_cpu["triggerer"],
@@ -487,8 +491,19 @@ def details(rows: list[dict[str, Any]]) -> str:
             f"max req/s incl. creates {r['max_rps_all']}, peak CPU (share of one core over 1 s): triggerer "
             f"{r['peak_cpu_triggerer']:.0%}, simulator {r['peak_cpu_simulator']:.0%}"
             + (f"; ran at the same time as: {', '.join(r['ran_with'])}" if r["ran_with"] else "; ran alone")
+            + _census(r)
         )
     return "\n".join(lines)
+
+
+def _census(r: dict[str, Any]) -> str:
+    """With ``--gc-census``: what each full collection walked, against the heap the triggers started beside."""
+    if not r["full_gcs"]:
+        return ""
+    walked = ", ".join(
+        f"{objects / 1000:.0f}k objects in {ms:.0f} ms ({alive:,} triggers running)" for ms, objects, alive in r["full_gcs"]
+    )
+    return f"; full GCs walked {walked}; start-up heap {r['startup_objects'] / 1000:.0f}k objects"
 
 
 def machine() -> str:
@@ -576,6 +591,9 @@ def main() -> None:
                         help="measure a suggested change to PredictionTrigger's side (benchmarks/_variants.py)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() the triggerer's start-up heap (Airflow's triggerer does not)")
+    parser.add_argument("--gc-census", action="store_true",
+                        help="count the objects each full garbage collection walked (the count blocks the loop too: "
+                        "stall figures of such a run are not comparable)")
     parser.add_argument("--profile", action="store_true", help="cProfile each triggerer process (slower)")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--workdir", default=None, help="where the triggerer processes write logs and results")
@@ -605,6 +623,7 @@ def main() -> None:
           f"loop: {'uvloop' if args.uvloop else 'asyncio'}; "
           f"{'HTTPS through a TLS proxy in its own process' if args.tls else 'plain HTTP on loopback (no TLS)'}"
           f"{'; start-up heap gc.freeze()d' if args.gc_freeze else ''}"
+          f"{'; objects walked by each full collection counted (stalls not comparable)' if args.gc_census else ''}"
           f"{'; variants: ' + ', '.join(args.variant) if args.variant else ''}.")
     print()
     print(table(rows))
