@@ -271,8 +271,11 @@ def compact_prediction(prediction: dict[str, Any]) -> dict[str, Any]:
     """
     data = dict(prediction)
     inputs = data.get("input")
-    if isinstance(inputs, dict) and any(_is_large(v) for v in inputs.values()):
-        data["input"] = {k: (_elide(v) if _is_large(v) else v) for k, v in inputs.items()}
+    if isinstance(inputs, dict):
+        for value in inputs.values():
+            if _is_large(value):
+                data["input"] = {k: (_elide(v) if _is_large(v) else v) for k, v in inputs.items()}
+                break
     return data
 
 

@@ -83,16 +83,22 @@ class RequestBudget:
         """Seconds left of the current pause (0 when not paused)."""
         return max(0.0, self._paused_until - asyncio.get_running_loop().time())
 
+    def take_free_slot(self) -> bool:
+        """Take the current slot if it is free and nobody is queued for it (no waiting); say whether it was."""
+        now = asyncio.get_running_loop().time()
+        if not self._waiters and not self._urgent and now >= self._next and now >= self._paused_until:
+            self._next = now + self._interval
+            return True
+        return False
+
     async def acquire(self, *, urgent: bool = False) -> None:
         """Wait for this request's turn; returns at once when the budget has room and nobody is queued.
 
         :param urgent: Take the next slot ahead of the requests already queued (pauses still hold it).
         """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if not self._waiters and not self._urgent and now >= self._next and now >= self._paused_until:
-            self._next = now + self._interval
+        if self.take_free_slot():
             return
+        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         (self._urgent if urgent else self._waiters).append(waiter)
         self._schedule(loop)

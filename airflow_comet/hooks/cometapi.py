@@ -35,7 +35,7 @@ from airflow_comet.hooks._http1 import (
 )
 from airflow_comet.hooks._masking import mask
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
-from airflow_comet.hooks._ratelimit import release_pool, request_budget, shared_pool
+from airflow_comet.hooks._ratelimit import RequestBudget, release_pool, request_budget, shared_pool
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
 from airflow_comet.hooks._settings_cache import cached_settings, forget_settings
 
@@ -105,6 +105,7 @@ class CometAPIHook(HttpHook):
         self._retry_policy = retry_policy
         self._settings: ConnectionSettings | None = None
         self._async_pool: ConnectionPool | None = None
+        self._budget: RequestBudget | None = None  # the connection's in this loop, taken with the pool
 
     # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
 
@@ -257,7 +258,7 @@ class CometAPIHook(HttpHook):
 
     async def aclose(self) -> None:
         """Let go of the async connection pool (idempotent); it closes with the last hook sharing it."""
-        pool, self._async_pool = self._async_pool, None
+        pool, self._async_pool, self._budget = self._async_pool, None, None
         if pool is not None:
             await release_pool(pool)
 
@@ -266,6 +267,9 @@ class CometAPIHook(HttpHook):
             settings = await self.aget_settings()
             # One pool of keep-alive connections per connection and event loop, shared by every trigger.
             self._async_pool = shared_pool(settings, lambda: new_connection_pool(settings))
+            # Shared by every trigger of this connection in this event loop, as the pool is: the request
+            # budget and 429 pauses. Taken once per pool rather than looked up per request.
+            self._budget = request_budget(settings.conn_id, settings.max_requests_per_second)
         return self._async_pool
 
     async def _arequest(
@@ -279,12 +283,19 @@ class CometAPIHook(HttpHook):
         hold: float = 0.0,
         urgent: bool = False,
     ) -> dict[str, Any]:
-        settings = await self.aget_settings()
+        # The settings and the pool (in _asend) a hook already holds are used without awaiting a coroutine
+        # for each: a status check is the triggerer's hot path (benchmarks/steady_checks.py).
+        settings = self._settings or await self.aget_settings()
+        policy = self.retry_policy(settings)
+        if not policy.max_retries and idempotent:
+            # One attempt, whose error could not become an ambiguous create (final_error): what
+            # acall_with_retries would do, without its layer. The shared poller's checks come this way.
+            return await self._asend(settings, method, path, body, headers, hold, urgent, idempotent)
         return await acall_with_retries(
             # A partial, not a lambda: a closure over these nine names is a cell each, per status check, for
             # the garbage collector to count (and to promote with the checks in flight when it runs).
             partial(self._asend, settings, method, path, body, headers, hold, urgent, idempotent),
-            policy=self.retry_policy(settings),
+            policy=policy,
             idempotent=idempotent,
             logger=self.log,
             what=f"{method} {path}",
@@ -301,10 +312,13 @@ class CometAPIHook(HttpHook):
         urgent: bool = False,
         idempotent: bool = True,
     ) -> dict[str, Any]:
-        pool = await self._aget_pool()
-        # Shared by every trigger of this connection in this event loop: the request budget and 429 pauses.
-        budget = request_budget(settings.conn_id, settings.max_requests_per_second)
-        await budget.acquire(urgent=urgent)
+        pool = self._async_pool
+        if pool is None or pool.closed:
+            pool = await self._aget_pool()
+        budget = self._budget
+        assert budget is not None  # taken with the pool
+        if not budget.take_free_slot():  # most requests find one: no coroutine for them
+            await budget.acquire(urgent=urgent)
         try:
             response = await pool.request(
                 method,
