@@ -160,8 +160,9 @@ _lock = threading.Lock()
 def request_budget(conn_id: str, rate: float | None) -> RequestBudget:
     """The budget shared by every user of ``conn_id`` in the running event loop, created on first use.
 
-    ``rate`` is the connection's current ``max_requests_per_second``; when it changed since the budget was
-    created (the connection was edited), the newest value wins.
+    ``rate`` is the connection's ``max_requests_per_second`` as the caller read it; when it differs (the
+    connection was edited), the last caller's wins. Hooks call this when they take a pool, so an edit applies
+    from the next hook that does (in the triggerer, within the settings' lifetime, ``SETTINGS_TTL``).
     """
     budget = per_loop(_budgets, conn_id, RequestBudget, rate)
     if budget.rate != rate:

@@ -105,7 +105,7 @@ class CometAPIHook(HttpHook):
         self._retry_policy = retry_policy
         self._settings: ConnectionSettings | None = None
         self._async_pool: ConnectionPool | None = None
-        self._budget: RequestBudget | None = None  # the connection's in this loop, taken with the pool
+        self._budget: RequestBudget | None = None  # this connection's budget in this loop; set with the pool
 
     # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
 
