@@ -250,6 +250,23 @@ def test_retries_stop_after_max_retries(scripted, monkeypatch, mode):
     assert len(scripted.seen) == 3
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_with_retries_off_a_status_error_is_raised_once_and_a_create_still_ambiguous(scripted, monkeypatch, mode):
+    # No retries: an idempotent request is one attempt whose error comes back as it is (the async hook sends
+    # it without the retry loop); a create that may have reached the server is still reported as ambiguous.
+    set_connection(monkeypatch, scripted.url, max_retries=0, read_timeout=0.5)
+    scripted.script(Answer(503, envelope("down")))
+    with pytest.raises(CometAPIResponseError, match="503") as info:
+        get(mode)
+    assert info.value.status_code == 503
+    assert len(scripted.seen) == 1
+    scripted.script(Answer(201, prediction(), delay=1.5))
+    with pytest.raises(CometAPIAmbiguousCreateError, match="not sent again"):
+        create(mode)
+    time.sleep(1.2)  # let the slow answer finish so the count is final
+    assert len(scripted.seen) == 1
+
+
 def test_async_hook_keeps_one_connection_for_many_requests(scripted):
     scripted.script(Answer(200, prediction(status="processing")))
     hook = CometAPIHook()

@@ -262,8 +262,13 @@ class CometAPIHook(HttpHook):
         if pool is not None:
             await release_pool(pool)
 
+    def _held_pool(self) -> ConnectionPool | None:
+        """The pool this hook holds, if it is still open (a request needs no coroutine to get it)."""
+        pool = self._async_pool
+        return pool if pool is not None and not pool.closed else None
+
     async def _aget_pool(self) -> ConnectionPool:
-        if self._async_pool is None or self._async_pool.closed:
+        if self._held_pool() is None:
             settings = await self.aget_settings()
             # One pool of keep-alive connections per connection and event loop, shared by every trigger.
             self._async_pool = shared_pool(settings, lambda: new_connection_pool(settings))
@@ -287,9 +292,8 @@ class CometAPIHook(HttpHook):
         # for each: a status check is the triggerer's hot path (benchmarks/steady_checks.py).
         settings = self._settings or await self.aget_settings()
         policy = self.retry_policy(settings)
-        if not policy.max_retries and idempotent:
-            # One attempt, whose error could not become an ambiguous create (final_error): what
-            # acall_with_retries would do, without its layer. The shared poller's checks come this way.
+        if policy.passes_errors_through(idempotent=idempotent):
+            # What acall_with_retries would do, without its layer: the shared poller's checks come this way.
             return await self._asend(settings, method, path, body, headers, hold, urgent, idempotent)
         return await acall_with_retries(
             # A partial, not a lambda: a closure over these nine names is a cell each, per status check, for
@@ -312,9 +316,7 @@ class CometAPIHook(HttpHook):
         urgent: bool = False,
         idempotent: bool = True,
     ) -> dict[str, Any]:
-        pool = self._async_pool
-        if pool is None or pool.closed:
-            pool = await self._aget_pool()
+        pool = self._held_pool() or await self._aget_pool()
         budget = self._budget
         assert budget is not None  # taken with the pool
         if not budget.take_free_slot():  # most requests find one: no coroutine for them
