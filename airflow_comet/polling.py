@@ -7,6 +7,7 @@ The loops only do the I/O.
 
 from __future__ import annotations
 
+import marshal
 import random
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -108,8 +109,9 @@ class PredictionPoller:
     #: Jitter source; ``None`` uses the ``random`` module (a ``Random()`` each would cost a seeding from
     #: the OS per trigger: ~0.1 ms, thousands of times as a mapped batch starts).
     rng: random.Random | None = None
-    last_prediction: dict[str, Any] | None = None
     polls: int = 0
+    #: The last answer, marshalled (see :attr:`last_prediction`).
+    _last_answer: bytes | dict[str, Any] | None = None
     _fatal_errors: int = 0
     _bad_answers: int = 0
     _transient_errors: int = 0
@@ -133,14 +135,14 @@ class PredictionPoller:
         status = prediction.get("status") if isinstance(prediction, dict) else None
         if not isinstance(status, str) or status not in _KNOWN_STATUSES:
             return self._bad_answer(f"the answer has no known status (status={status!r})", now)
-        self.last_prediction = compact_prediction(prediction)
+        self._last_answer = _stored(prediction)
         self._fatal_errors = self._bad_answers = self._transient_errors = 0
         self._last_error = None
         previous, self._last_status = self._last_status, status
         if status in NON_TERMINAL_STATUSES:
             outcome = self._keep_polling(now)
         else:
-            outcome = PollOutcome(event=terminal_event(self.prediction_id, self.last_prediction))
+            outcome = PollOutcome(event=terminal_event(self.prediction_id, prediction))
         if status != previous:
             outcome = replace(outcome, new_status=status, previous_status=previous)
         return outcome
@@ -168,6 +170,20 @@ class PredictionPoller:
             self._transient_errors += 1
             return self._after_failed_check(error, now, self._transient_errors)
         return self._bad_answer(str(error), now)
+
+    @property
+    def last_prediction(self) -> dict[str, Any] | None:
+        """The prediction object of the last status answer (large input values elided), a new copy each time;
+        ``None`` before the first.
+
+        Kept marshalled between checks: bytes are one object the garbage collector never walks, where the
+        parsed answer is a dict that each waiting prediction would keep tracked, and every answer that outlives
+        a young collection (most wait a second or more for the next) would count towards the next full
+        collection of the triggerer's whole heap (benchmarks/RESULTS.md). Read only when a wait ends without
+        a terminal answer.
+        """
+        answer = self._last_answer
+        return marshal.loads(answer) if isinstance(answer, bytes) else answer
 
     @property
     def strikes(self) -> int:
@@ -269,14 +285,27 @@ def compact_prediction(prediction: dict[str, Any]) -> dict[str, Any]:
 
     Keeps trigger events and XCom small; the outputs and everything else are kept as they are.
     """
-    data = dict(prediction)
-    inputs = data.get("input")
+    data = _elided(prediction)
+    return dict(data) if data is prediction else data
+
+
+def _elided(prediction: dict[str, Any]) -> dict[str, Any]:
+    """``prediction`` itself when no input value is large, else a copy with those elided."""
+    inputs = prediction.get("input")
     if isinstance(inputs, dict):
         for value in inputs.values():
             if _is_large(value):
-                data["input"] = {k: (_elide(v) if _is_large(v) else v) for k, v in inputs.items()}
-                break
-    return data
+                return {**prediction, "input": {k: (_elide(v) if _is_large(v) else v) for k, v in inputs.items()}}
+    return prediction
+
+
+def _stored(prediction: dict[str, Any]) -> bytes | dict[str, Any]:
+    """An answer as :class:`PredictionPoller` keeps it between checks: marshalled (see ``last_prediction``)."""
+    data = _elided(prediction)
+    try:
+        return marshal.dumps(data)
+    except ValueError:  # a value marshal cannot write (never in a JSON answer): a copy of the dict instead
+        return dict(data)
 
 
 def _is_large(value: Any) -> bool:

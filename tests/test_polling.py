@@ -139,6 +139,28 @@ def test_compact_prediction_elides_data_uris_but_keeps_outputs():
     assert compact["input"]["prompt"] == "x" and compact["output"] == ["u"]
 
 
+def test_the_last_answer_is_kept_elided_and_read_back_as_a_new_copy():
+    big = "data:image/png;base64," + "A" * 5000
+    p = poller()
+    assert p.last_prediction is None
+    p.on_prediction(prediction(status="starting", input={"input_image": big, "prompt": "x"}), 1.0)
+    p.on_prediction(prediction(status="processing", input={"input_image": big, "prompt": "x"}, logs="step 3"), 3.0)
+    p.on_error(CometAPITransportError("reset", maybe_sent=False), 5.0)  # an error keeps the last answer
+    last = p.last_prediction
+    assert last["status"] == "processing" and last["logs"] == "step 3" and last["urls"]["get"]
+    assert last["input"]["prompt"] == "x" and len(last["input"]["input_image"]) < 100
+    last["status"] = "changed by the reader"
+    assert p.last_prediction["status"] == "processing"
+
+
+def test_an_answer_marshal_cannot_write_is_kept_as_a_copy():
+    p = poller()
+    answer = prediction(status="processing", created_at=object())  # not from JSON, but must not crash
+    p.on_prediction(answer, 1.0)
+    answer["status"] = "changed by the caller"
+    assert p.last_prediction["status"] == "processing"
+
+
 @pytest.mark.parametrize("bad", [None, "text", 3])
 def test_not_a_dict_is_a_bad_answer(bad):
     assert poller().on_prediction(bad, 0).event is None

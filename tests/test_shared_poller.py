@@ -152,7 +152,7 @@ async def test_one_slow_answer_does_not_hold_back_the_checks_queued_behind_it(si
     # Due within the same batch, the slow one first (10 ms sooner): one worker takes all three in turn
     # unless the backlog behind the slow answer is noticed.
     watches = [
-        poller.follow(PredictionPoller(pid, started_at=now - (0.01 if pid == slow else 0.0), poll_interval=5))
+        poller.follow(pid, now - (0.01 if pid == slow else 0.0), poll_interval=5)
         for pid in (slow, *others)
     ]
     try:
@@ -170,7 +170,7 @@ async def test_failed_checks_are_told_to_the_trigger_and_retried_on_its_schedule
     sim.set_faults(Faults(durations=3.0))
     [pid] = create()
     sim.set_faults(Faults(durations=3.0, poll_5xx_rate=1.0, poll_5xx_codes=(503,)))
-    watch = shared_poller("cometapi_default").follow(PredictionPoller(pid, started_at=time.time(), poll_interval=5))
+    watch = shared_poller("cometapi_default").follow(pid, time.time(), poll_interval=5)
     try:
         outcome = await asyncio.wait_for(watch.next_outcome(), 10)
         assert outcome.event is None and "503" in (outcome.problem or "")
@@ -191,7 +191,7 @@ async def test_a_watch_hears_status_changes_only_when_its_trigger_would_log_them
     poller = shared_poller("cometapi_default")
     now = time.time()
     watches = {
-        pid: poller.follow(PredictionPoller(pid, started_at=now, poll_interval=5), tell_changes=pid == told)
+        pid: poller.follow(pid, now, poll_interval=5, tell_changes=pid == told)
         for pid in (told, quiet)
     }
     heard: dict[str, list] = {told: [], quiet: []}
@@ -264,8 +264,8 @@ async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request
     poller = shared_poller("cometapi_default")
     watches = [
         # The slow one's first check comes well before the late one's (at its deadline, 1.5 s).
-        poller.follow(PredictionPoller(slow, started_at=now - polling.FIRST_POLL_DELAY + 0.5, poll_interval=5)),
-        poller.follow(PredictionPoller(late, started_at=now, end_time=now + 1.5, poll_interval=5)),
+        poller.follow(slow, now - polling.FIRST_POLL_DELAY + 0.5, poll_interval=5),
+        poller.follow(late, now, end_time=now + 1.5, poll_interval=5),
     ]
     try:
         outcome = await asyncio.wait_for(watches[1].next_outcome(), 20)
@@ -332,7 +332,7 @@ async def test_checks_due_close_together_share_one_timer_wake_up(sim):
     now = time.time()
     # Due 2 ms apart: ten timers for ten sleeping triggers, one for the shared poller.
     watches = [
-        poller.follow(PredictionPoller(pid, started_at=now + i * 0.002, poll_interval=5)) for i, pid in enumerate(ids)
+        poller.follow(pid, now + i * 0.002, poll_interval=5) for i, pid in enumerate(ids)
     ]
     try:
         await asyncio.wait_for(asyncio.gather(*(w.next_outcome() for w in watches)), 10)
@@ -356,7 +356,7 @@ async def test_checks_sent_early_with_a_batch_keep_their_own_cadence(sim, monkey
     now = time.time()
     first_delays = [0.05 * i for i in range(20)]
     watches = [
-        poller.follow(PredictionPoller(pid, started_at=now - polling.FIRST_POLL_DELAY + delay, poll_interval=5))
+        poller.follow(pid, now - polling.FIRST_POLL_DELAY + delay, poll_interval=5)
         for pid, delay in zip(ids, first_delays)
     ]
     seconds = 6.0
@@ -446,7 +446,7 @@ async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_conn
     poller = shared_poller("cometapi_default")
     now = time.time()
     watches = [
-        poller.follow(PredictionPoller(pid, started_at=now - polling.FIRST_POLL_DELAY, poll_interval=5)) for pid in ids
+        poller.follow(pid, now - polling.FIRST_POLL_DELAY, poll_interval=5) for pid in ids
     ]
     try:
         await asyncio.sleep(3.0)
@@ -467,3 +467,21 @@ async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_conn
     refused = [r.time for r in after if r.status == 401]
     assert refused and min(refused) - edited < 0.6 + 0.4 + 0.3
     assert all(r.status == 401 for r in after if r.time > edited + 0.7)
+
+
+async def test_a_watch_keeps_what_it_hears_in_order_while_its_trigger_is_not_waiting():
+    watch = _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # no owner: never closed here
+    cancelled = watch.next_outcome()
+    cancelled.cancel()  # as when the trigger's task is cancelled while it waits
+    first, second = polling.PollOutcome(delay=1.0), polling.PollOutcome(delay=2.0)
+    watch._tell(first)
+    watch._tell(second)
+    watch._tell(RuntimeError("the check broke"))
+    assert await watch.next_outcome() is first
+    assert await watch.next_outcome() is second
+    with pytest.raises(RuntimeError, match="the check broke"):
+        await watch.next_outcome()
+    waiting = watch.next_outcome()
+    assert not waiting.done()
+    watch._tell(first)
+    assert await waiting is first

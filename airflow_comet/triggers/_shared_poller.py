@@ -17,7 +17,8 @@ their predictions here:
   ``SETTINGS_TTL`` old: a worker's hook is handed to the next worker until then, rather than a new hook
   looking the connection up and taking a share of the pool per check), and give each answer to that
   prediction's own
-  :class:`~airflow_comet.polling.PredictionPoller`, which decides exactly as in the worker's blocking wait.
+  :class:`~airflow_comet.polling.PredictionPoller` (its :class:`Watch` is one), which decides exactly as in the
+  worker's blocking wait.
   A check is sent once: a failed one is retried by the prediction's own schedule (the poller backs off
   after errors), so a worker is never held by another prediction's retries, and a ``429``'s
   ``Retry-After`` still pauses the whole connection (the budget);
@@ -49,11 +50,11 @@ from airflow_comet.hooks._per_loop import Registry, per_loop
 from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks._settings_cache import settings_expire_at
 from airflow_comet.hooks.cometapi import CometAPIHook
-from airflow_comet.polling import DEADLINE_SLACK
+from airflow_comet.polling import DEADLINE_SLACK, PredictionPoller
 
 if TYPE_CHECKING:
     from airflow_comet.hooks._protocol import ConnectionSettings
-    from airflow_comet.polling import PollOutcome, PredictionPoller
+    from airflow_comet.polling import PollOutcome
 
 log = logging.getLogger(__name__)
 
@@ -80,37 +81,40 @@ SINGLE_ATTEMPT = RetryPolicy(max_retries=0)
 _TASK_TAKES_CONTEXT = sys.version_info >= (3, 11)  # loop.create_task(..., context=)
 
 
-class Watch:
-    """One prediction followed by the shared poller; its trigger awaits :meth:`next_outcome`."""
+class Watch(PredictionPoller):
+    """One prediction followed by the shared poller: its :class:`~airflow_comet.polling.PredictionPoller`
+    (the decisions, as in the worker's blocking wait) and what its trigger hears, through :meth:`next_outcome`.
 
-    __slots__ = ("_notes", "_owner", "_waiter", "closed", "poller", "tell_changes")
+    One object rather than a poller and a watch beside it: each waiting trigger keeps it for as long as it
+    waits, and every object a waiting trigger keeps is walked by each full garbage collection of the
+    triggerer's heap (benchmarks/gc_objects.py).
+    """
 
-    def __init__(self, owner: SharedPoller, poller: PredictionPoller, tell_changes: bool = True) -> None:
+    __slots__ = ("_notes", "_owner", "_waiter", "closed", "tell_changes")
+
+    def __init__(self, owner: SharedPoller, tell_changes: bool = True, **poller: Any) -> None:
+        super().__init__(**poller)
         self._owner = owner
-        self.poller = poller
         self.tell_changes = tell_changes
         self.closed = False
         self._notes: collections.deque[PollOutcome | Exception] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[PollOutcome] | None = None
 
-    async def next_outcome(self) -> PollOutcome:
+    def next_outcome(self) -> asyncio.Future[PollOutcome]:
         """The next outcome worth telling (a new status if ``tell_changes``, a problem, or the event that ends
-        the wait).
+        the wait), to await.
 
-        Raises what a status check raised that was not an API error (the wait cannot go on).
+        Raises what a status check raised that was not an API error (the wait cannot go on). A future, not a
+        coroutine: a coroutine would be one more object for each waiting trigger to keep.
         """
-        while not self._notes:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        note = self._notes.popleft()
-        if not self._notes:
-            self._notes = None  # most waits hear two or three notes in all: no deque kept between them
-        if isinstance(note, Exception):
-            raise note
-        return note
+        waiter: asyncio.Future[PollOutcome] = asyncio.get_running_loop().create_future()
+        if self._notes:
+            _settle(waiter, self._notes.popleft())
+            if not self._notes:
+                self._notes = None  # most waits hear two or three notes in all: no deque kept between them
+        else:
+            self._waiter = waiter
+        return waiter
 
     def close(self) -> None:
         """Stop following this prediction (idempotent); a check already on the wire is answered and dropped."""
@@ -119,11 +123,20 @@ class Watch:
             self._owner._closed(self)
 
     def _tell(self, note: PollOutcome | Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # done: cancelled with its trigger's task
+            _settle(waiter, note)
+            return
         if self._notes is None:
             self._notes = collections.deque()
         self._notes.append(note)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+
+
+def _settle(waiter: asyncio.Future[PollOutcome], note: PollOutcome | Exception) -> None:
+    if isinstance(note, Exception):
+        waiter.set_exception(note)
+    else:
+        waiter.set_result(note)
 
 
 class SharedPoller:
@@ -167,15 +180,31 @@ class SharedPoller:
         """Worker tasks running right now (each has at most one status check on the wire)."""
         return self._workers
 
-    def follow(self, poller: PredictionPoller, *, tell_changes: bool = True) -> Watch:
-        """Start following ``poller``'s prediction: its first check comes at ``poller.first_delay``.
+    def follow(
+        self,
+        prediction_id: str,
+        started_at: float,
+        *,
+        end_time: float | None = None,
+        poll_interval: float = 20.0,
+        tell_changes: bool = True,
+    ) -> Watch:
+        """Start following a prediction (the parameters are :class:`~airflow_comet.polling.PredictionPoller`'s):
+        its first check comes at the watch's ``first_delay``.
 
         :param tell_changes: Whether the watch hears of status changes, or only of problems and the end (a
             trigger that would not log them need not wake for them).
         """
-        watch = Watch(self, poller, tell_changes)
+        watch = Watch(
+            self,
+            tell_changes,
+            prediction_id=prediction_id,
+            started_at=started_at,
+            end_time=end_time,
+            poll_interval=poll_interval,
+        )
         self._open += 1
-        self._schedule(watch, poller.first_delay(time.time()))
+        self._schedule(watch, watch.first_delay(time.time()))
         return watch
 
     # -- schedule ----------------------------------------------------------------------------------------
@@ -186,7 +215,7 @@ class SharedPoller:
             self._start_workers()
             return
         when = self._loop.time() + delay
-        end = watch.poller.end_time
+        end = watch.end_time
         if delay >= TICK and (end is None or time.time() + delay < end - DEADLINE_SLACK):
             # Never the wait for a deadline: rounded to just before it, that check would be one more request
             # (and a wait shorter than a tick, rounded, could come back again and again until it passed).
@@ -297,7 +326,7 @@ class SharedPoller:
                 watch = self._ready.popleft()
                 if watch.closed:
                     continue
-                overdue = watch.poller.timeout_if_overdue(time.time())
+                overdue = watch.timeout_if_overdue(time.time())
                 if overdue is not None:  # queued so long behind slow answers that its deadline passed
                     watch._tell(overdue)
                     continue
@@ -329,7 +358,7 @@ class SharedPoller:
         self._checking += 1
         self._watch_backlog()
         try:
-            outcome = await self._decide(hook, watch.poller, lookup_error)
+            outcome = await self._decide(hook, watch, lookup_error)
         except Exception as error:  # noqa: BLE001 - its trigger reports it as its event; other checks go on
             watch._tell(error)
             return

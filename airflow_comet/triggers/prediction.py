@@ -13,7 +13,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_comet.exceptions import CometAPIConfigError
 from airflow_comet.hooks.cometapi import CometAPIHook, aconnection_settings
-from airflow_comet.polling import PredictionPoller
 from airflow_comet.triggers._shared_poller import Watch, shared_poller
 
 
@@ -87,12 +86,6 @@ class PredictionTrigger(BaseTrigger):
         return CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        poller = PredictionPoller(
-            prediction_id=self.prediction_id,
-            started_at=self.started_at,
-            end_time=self.end_time,
-            poll_interval=self.poll_interval,
-        )
         watch: Watch | None = None
         try:
             # Looked up now rather than at the first check, which may be poll_interval away: a missing or
@@ -101,7 +94,13 @@ class PredictionTrigger(BaseTrigger):
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
             # every trigger of the triggerer); this task wakes only for what it logs or yields: status changes
             # only when they would be logged (they are DEBUG lines, see below).
-            watch = shared_poller(self.cometapi_conn_id).follow(poller, tell_changes=self._logs_debug())
+            watch = shared_poller(self.cometapi_conn_id).follow(
+                self.prediction_id,
+                self.started_at,
+                end_time=self.end_time,
+                poll_interval=self.poll_interval,
+                tell_changes=self._logs_debug(),
+            )
             while True:
                 outcome = await watch.next_outcome()
                 if outcome.event is not None:
@@ -109,7 +108,7 @@ class PredictionTrigger(BaseTrigger):
                     self.log.info(
                         "%s (%d status checks in %.0f s)",
                         outcome.event["message"],
-                        poller.polls,
+                        watch.polls,
                         time.time() - self.started_at,
                     )
                     yield TriggerEvent(outcome.event)
@@ -128,7 +127,7 @@ class PredictionTrigger(BaseTrigger):
                 {
                     "status": "error",
                     "prediction_id": self.prediction_id,
-                    "prediction": poller.last_prediction,
+                    "prediction": watch.last_prediction if watch is not None else None,
                     "message": f"Waiting for prediction {self.prediction_id} failed: {error}",
                 }
             )
