@@ -155,7 +155,10 @@ class Runner:
             agen = trigger.run()
             try:
                 async for event in agen:
-                    self.events[key] = (time.time(), event.payload)
+                    # Its status only, as the result keeps it: Airflow's runner hands an event on within a
+                    # second and keeps nothing of it, so neither may the stand-in (a kept payload with a
+                    # prediction inside is a few more objects per trigger for every full collection).
+                    self.events[key] = (time.time(), _jsonable(event.payload))
                     break
             finally:
                 await agen.aclose()
@@ -239,7 +242,7 @@ class Runner:
             "gc_total_s": self.gc_total,
             "full_gcs": self.full_gcs,
             "startup_objects": self.startup_objects,
-            "events": {k: [t, _jsonable(p)] for k, (t, p) in self.events.items()},
+            "events": {k: [t, p] for k, (t, p) in self.events.items()},
             "errors": self.errors,
             "picked": self.picked,
             "arrived": self.arrived,
