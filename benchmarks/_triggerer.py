@@ -70,6 +70,7 @@ class Runner:
         self.gc_freeze = False
         self.gc_census = False
         self.full_gcs: list[tuple[float, int, int]] = []  # (ms, objects walked, triggers running), --gc-census
+        self.promoted: collections.Counter[str] = collections.Counter()  # by type, --gc-census
         self.startup_objects = 0
         self.greenback = None
         if greenback:
@@ -121,12 +122,18 @@ class Runner:
         self.gc_count = [0, 0, 0]
         self.gc_total = 0.0
 
+        young: dict[int, str] = {}  # --gc-census: id -> type name of the objects a young collection examines
+
         def callback(phase: str, info: dict[str, int]) -> None:
             if phase == "start":
+                if self.gc_census and info["generation"] == 1:
+                    young.update((id(o), type(o).__name__) for g in (0, 1) for o in gc.get_objects(g))
                 started[0] = time.perf_counter()
                 return
             took = time.perf_counter() - started[0]
             gen = info["generation"]
+            if gen == 1 and self.gc_census:
+                self.count_promoted(young)
             if gen == 2 and self.gc_census:
                 # What this full collection walked: every tracked object left, none of a frozen heap. Counting
                 # them blocks the loop too (tens of ms at N = 5,000), so the ticker's figures are not the run's.
@@ -137,6 +144,22 @@ class Runner:
 
         self.gc_callback = callback
         gc.callbacks.append(callback)
+
+    def count_promoted(self, young: dict[int, str]) -> None:
+        """Count, by type, the objects the young collection that just ended moved to the oldest generation.
+
+        CPython (3.11 to 3.13) runs a full collection when those promoted since the last reach a quarter of the
+        objects it kept: what a waiting trigger keeps past a second or two (so past a young collection) brings
+        the next one closer, even when it is freed soon after. The collector appends them to the oldest
+        generation's list, so they are its last objects that were young when the collection began.
+        """
+        oldest = gc.get_objects(2)
+        i = len(oldest) - 1
+        while i >= 0 and id(oldest[i]) in young:
+            self.promoted[young[id(oldest[i])]] += 1
+            i -= 1
+        del oldest
+        young.clear()
 
     def trigger_class(self, classpath: str) -> type:
         cls = self.classes.get(classpath)
@@ -241,6 +264,7 @@ class Runner:
             "gc_count": self.gc_count,
             "gc_total_s": self.gc_total,
             "full_gcs": self.full_gcs,
+            "promoted": dict(self.promoted.most_common()),
             "startup_objects": self.startup_objects,
             "events": {k: [t, p] for k, (t, p) in self.events.items()},
             "errors": self.errors,
@@ -268,7 +292,7 @@ def main() -> None:
     parser.add_argument("--preload", nargs="*", default=[])
     parser.add_argument("--ready-file", help="touched once the process is ready for triggers")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the start-up heap (Airflow does not)")
-    parser.add_argument("--gc-census", action="store_true", help="count the objects each full collection walked")
+    parser.add_argument("--gc-census", action="store_true", help="count the objects each full collection walked, and by type those promoted to the oldest generation")
     parser.add_argument("--profile", help="write a cProfile of the whole run here")
     args = parser.parse_args()
     # The triggerer logs each trigger's start and event; the benchmark keeps only warnings, for every side.

@@ -407,6 +407,7 @@ def figures(o: Outcome) -> dict[str, Any]:
         "gc_full_count": o.result["gc_count"][2],
         "gc_total_s": o.result["gc_total_s"],
         "full_gcs": o.result["full_gcs"],
+        "promoted": o.result.get("promoted", {}),
         "startup_objects": o.result["startup_objects"],
         "max_rps": max(windows.values(), default=0),
         "max_rps_all": o.stats["max_requests_per_second"],
@@ -497,13 +498,19 @@ def details(rows: list[dict[str, Any]]) -> str:
 
 
 def _census(r: dict[str, Any]) -> str:
-    """With ``--gc-census``: what each full collection walked, against the heap the triggers started beside."""
-    if not r["full_gcs"]:
+    """With ``--gc-census``: what each full collection walked, against the heap the triggers started beside, and
+    what young collections promoted to the oldest generation (what brings the next full one closer)."""
+    if not r["full_gcs"] and not r["promoted"]:
         return ""
     walked = ", ".join(
         f"{objects / 1000:.0f}k objects in {ms:.0f} ms ({alive:,} triggers running)" for ms, objects, alive in r["full_gcs"]
     )
-    return f"; full GCs walked {walked}; start-up heap {r['startup_objects'] / 1000:.0f}k objects"
+    promoted = r["promoted"]
+    top = ", ".join(f"{name} {count / 1000:.1f}k" for name, count in list(promoted.items())[:8])
+    return (
+        f"; full GCs walked {walked or 'nothing (none ran)'}; start-up heap {r['startup_objects'] / 1000:.0f}k objects; promoted to the "
+        f"oldest generation {sum(promoted.values()) / 1000:.0f}k objects ({top})"
+    )
 
 
 def machine() -> str:
@@ -592,8 +599,9 @@ def main() -> None:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() the triggerer's start-up heap (Airflow's triggerer does not)")
     parser.add_argument("--gc-census", action="store_true",
-                        help="count the objects each full garbage collection walked (the count blocks the loop too: "
-                        "stall figures of such a run are not comparable)")
+                        help="count the objects each full garbage collection walked, and by type those young collections "
+                        "promoted to the oldest generation (the counts block the loop too: stall figures of such a run "
+                        "are not comparable)")
     parser.add_argument("--profile", action="store_true", help="cProfile each triggerer process (slower)")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--workdir", default=None, help="where the triggerer processes write logs and results")
