@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import marshal
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -111,7 +111,7 @@ class PredictionPoller:
     rng: random.Random | None = None
     polls: int = 0
     #: The last answer, marshalled (see :attr:`last_prediction`).
-    _last_answer: bytes | dict[str, Any] | None = None
+    _last_answer: bytes | dict[str, Any] | None = field(default=None, repr=False, compare=False)
     _fatal_errors: int = 0
     _bad_answers: int = 0
     _transient_errors: int = 0
@@ -183,7 +183,9 @@ class PredictionPoller:
         a terminal answer.
         """
         answer = self._last_answer
-        return marshal.loads(answer) if isinstance(answer, bytes) else answer
+        if isinstance(answer, bytes):
+            return marshal.loads(answer)
+        return None if answer is None else dict(answer)
 
     @property
     def strikes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -151,6 +152,7 @@ def test_the_last_answer_is_kept_elided_and_read_back_as_a_new_copy():
     assert last["input"]["prompt"] == "x" and len(last["input"]["input_image"]) < 100
     last["status"] = "changed by the reader"
     assert p.last_prediction["status"] == "processing"
+    assert not gc.is_tracked(p._last_answer)  # kept as bytes: nothing for the garbage collector to walk
 
 
 def test_an_answer_marshal_cannot_write_is_kept_as_a_copy():
@@ -158,6 +160,7 @@ def test_an_answer_marshal_cannot_write_is_kept_as_a_copy():
     answer = prediction(status="processing", created_at=object())  # not from JSON, but must not crash
     p.on_prediction(answer, 1.0)
     answer["status"] = "changed by the caller"
+    p.last_prediction["status"] = "changed by a reader"
     assert p.last_prediction["status"] == "processing"
 
 

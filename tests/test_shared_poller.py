@@ -471,17 +471,19 @@ async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_conn
 
 async def test_a_watch_keeps_what_it_hears_in_order_while_its_trigger_is_not_waiting():
     watch = _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # no owner: never closed here
+    assert watch != _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # one follow(), not a value
+    assert len({watch, watch}) == 1
     cancelled = watch.next_outcome()
     cancelled.cancel()  # as when the trigger's task is cancelled while it waits
     first, second = polling.PollOutcome(delay=1.0), polling.PollOutcome(delay=2.0)
     watch._tell(first)
     watch._tell(second)
     watch._tell(RuntimeError("the check broke"))
-    assert await watch.next_outcome() is first
-    assert await watch.next_outcome() is second
+    assert await asyncio.wait_for(watch.next_outcome(), 1) is first
+    assert await asyncio.wait_for(watch.next_outcome(), 1) is second
     with pytest.raises(RuntimeError, match="the check broke"):
-        await watch.next_outcome()
+        await asyncio.wait_for(watch.next_outcome(), 1)
     waiting = watch.next_outcome()
     assert not waiting.done()
     watch._tell(first)
-    assert await waiting is first
+    assert await asyncio.wait_for(waiting, 1) is first

@@ -120,6 +120,7 @@ async def test_missing_connection_is_an_error_event_not_a_crash(monkeypatch):
     started = time.monotonic()
     [event] = await events(PredictionTrigger("abc", cometapi_conn_id="nope"))
     assert event["status"] == "error" and "nope" in event["message"]
+    assert event["prediction"] is None  # no status check was made
     assert 0.1 <= time.monotonic() - started < 5
 
 

@@ -100,12 +100,20 @@ class Watch(PredictionPoller):
         self._notes: collections.deque[PollOutcome | Exception] | None = None
         self._waiter: asyncio.Future[PollOutcome] | None = None
 
+    # A watch is one follow() of a prediction, not a value: compared and hashed by identity, as before it was
+    # a poller too (the dataclass would compare the poller's fields and print its last answer's bytes).
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<Watch {self.prediction_id} polls={self.polls} closed={self.closed}>"
+
     def next_outcome(self) -> asyncio.Future[PollOutcome]:
         """The next outcome worth telling (a new status if ``tell_changes``, a problem, or the event that ends
         the wait), to await.
 
-        Raises what a status check raised that was not an API error (the wait cannot go on). A future, not a
-        coroutine: a coroutine would be one more object for each waiting trigger to keep.
+        Awaiting it raises what a status check raised that was not an API error (the wait cannot go on). A
+        future, not a coroutine: a coroutine would be one more object for each waiting trigger to keep.
         """
         waiter: asyncio.Future[PollOutcome] = asyncio.get_running_loop().create_future()
         if self._notes:
