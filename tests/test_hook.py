@@ -283,6 +283,26 @@ def test_async_hook_keeps_one_connection_for_many_requests(scripted):
     assert hook.keep_alive_adapter is None
 
 
+def test_a_hook_left_open_works_in_the_next_event_loop(scripted):
+    # Two asyncio.run calls with one hook never closed: its pool belongs to the first loop, which no longer
+    # runs that pool's connections and timers (a request on them waited for ever).
+    scripted.script(Answer(200, prediction(status="processing")))
+    hook = CometAPIHook()
+
+    async def status(close: bool = False) -> str:
+        try:
+            return (await asyncio.wait_for(hook.aget_prediction("p1"), 10))["status"]
+        finally:
+            if close:
+                await hook.aclose()
+
+    assert asyncio.run(status()) == "processing"
+    assert asyncio.run(status(close=True)) == "processing"
+    assert len(scripted.seen) == 2
+    assert scripted.connections == 2  # the second loop's own connection
+    asyncio.run(hook.aclose())  # closed already: nothing left to let go of
+
+
 def test_sync_hook_keeps_one_connection_for_many_requests(scripted):
     scripted.script(Answer(200, prediction(status="processing")))
     hook = CometAPIHook()

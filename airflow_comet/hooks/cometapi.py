@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -106,6 +107,7 @@ class CometAPIHook(HttpHook):
         self._settings: ConnectionSettings | None = None
         self._async_pool: ConnectionPool | None = None
         self._budget: RequestBudget | None = None  # this connection's budget in this loop; set with the pool
+        self._pool_loop: asyncio.AbstractEventLoop | None = None  # the event loop the pool was taken in
 
     # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
 
@@ -258,20 +260,33 @@ class CometAPIHook(HttpHook):
 
     async def aclose(self) -> None:
         """Let go of the async connection pool (idempotent); it closes with the last hook sharing it."""
-        pool, self._async_pool, self._budget = self._async_pool, None, None
-        if pool is not None:
+        pool, loop = self._async_pool, self._pool_loop
+        self._async_pool = self._budget = self._pool_loop = None
+        # A pool of another event loop is only forgotten (see _held_pool): its connections cannot be closed
+        # from this one.
+        if pool is not None and loop is asyncio.get_running_loop():
             await release_pool(pool)
 
     def _held_pool(self) -> ConnectionPool | None:
-        """The pool this hook holds, if it is still open (a request needs no coroutine to get it)."""
+        """The pool this hook holds, if it is still open and of the running event loop (a request needs no
+        coroutine to get it)."""
         pool = self._async_pool
-        return pool if pool is not None and not pool.closed else None
+        if pool is None or pool.closed:
+            return None
+        if self._pool_loop is not asyncio.get_running_loop():
+            # Taken in another loop, most often one that has ended (a hook left open across two asyncio.run
+            # calls): that loop no longer runs the pool's connections and timers, so a request on them would
+            # wait for ever. Forgotten, not closed; the next request takes this loop's pool and budget.
+            self._async_pool = self._budget = self._pool_loop = None
+            return None
+        return pool
 
     async def _aget_pool(self) -> ConnectionPool:
         if self._held_pool() is None:
             settings = await self.aget_settings()
             # One pool of keep-alive connections per connection and event loop, shared by every trigger.
             self._async_pool = shared_pool(settings, lambda: new_connection_pool(settings))
+            self._pool_loop = asyncio.get_running_loop()
             # Shared by every trigger of this connection in this event loop, as the pool is: the request
             # budget and 429 pauses. Taken once per pool rather than looked up per request.
             self._budget = request_budget(settings.conn_id, settings.max_requests_per_second)
