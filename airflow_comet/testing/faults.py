@@ -45,6 +45,9 @@ class Faults:
     #: Fraction (0..1) of new predictions that end ``failed`` instead of ``succeeded``.
     fail_rate: float = 0.0
     fail_message: str = "NSFW content detected. Try running it again, or try a different prompt."
+    #: A new prediction whose ``prompt`` contains one of these words (any case) ends ``failed`` with
+    #: ``fail_message``, as a safety filter refuses a prompt: a test picks which prompts fail.
+    refused_words: tuple[str, ...] = ()
     #: New predictions stay ``processing`` forever.
     never_finish: bool = False
 
@@ -115,6 +118,7 @@ class Faults:
             self.missing_fields = (self.missing_fields,)
         else:
             self.missing_fields = tuple(self.missing_fields)
+        self.refused_words = (self.refused_words,) if isinstance(self.refused_words, str) else tuple(self.refused_words)
         self.poll_5xx_codes = tuple(int(c) for c in self.poll_5xx_codes)
         self.html_statuses = tuple(int(c) for c in self.html_statuses)
         if self.poll_5xx_rate and not self.poll_5xx_codes:

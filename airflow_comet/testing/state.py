@@ -270,6 +270,7 @@ class SimulatorState:
                 duration_spec = spec.duration
             duration = math.inf if faults.never_finish else draw_duration(duration_spec, model, inputs, self.rng)
             fails = self.rng.random() < faults.fail_rate if faults.fail_rate > 0 else False
+            fails = fails or _refused(inputs.get("prompt"), faults.refused_words)
             seed = inputs["seed"] if isinstance(inputs.get("seed"), int) else self.rng.randrange(1, 2**31)
             pid = self._new_id()
             prediction = Prediction(
@@ -338,3 +339,9 @@ class SimulatorState:
             # Rendered files, oldest first; bounded because re-rendering gives identical bytes.
             self.images: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
             self.set_faults(self.initial_faults)
+
+
+def _refused(prompt: Any, words: tuple[str, ...]) -> bool:
+    """Whether a safety filter configured with ``words`` refuses ``prompt``."""
+    text = prompt.lower() if isinstance(prompt, str) else ""
+    return any(word.lower() in text for word in words)
