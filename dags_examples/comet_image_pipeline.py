@@ -1,5 +1,10 @@
 """A data pipeline: prompts from a file, fanned out with dynamic task mapping, each waited on deferred,
-the images saved to object storage with a manifest beside them."""
+the images saved to object storage with a manifest beside them.
+
+A refused prompt never costs the others their images: the sensor and the persist step hand a failed
+prediction on (``fail_on_error=False``) and every stage after ``create`` runs for the prompts that got
+that far (``trigger_rule="all_done"``). The last task writes the manifest, then fails the run when more
+than ``max_failures`` prompts did not succeed, so that the person on call notices."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from airflow_comet.manifest import pipeline_rows, raise_for_failures, summary, write_manifest
 from airflow_comet.operators.persist import PersistPredictionOutputOperator
 from airflow_comet.operators.prediction import CreatePredictionOperator
 from airflow_comet.sensors.prediction import PredictionSensor
@@ -41,7 +47,10 @@ with DAG(
             DEFAULT_OUTPUT_DIR,
             type="string",
             description="Folder for the images: file:///..., s3://bucket/prefix or s3://conn_id@bucket/prefix.",
-        )
+        ),
+        "max_failures": Param(
+            0, type="integer", minimum=0, description="Prompts that may fail before the run is marked failed."
+        ),
     },
     tags=["cometapi", "example", "mapped"],
     doc_md=f"""
@@ -50,13 +59,16 @@ with DAG(
 1. `read_prompts` reads `data/prompts.csv` (slug, prompt, aspect ratio) at run time.
 2. `create` is mapped over the rows: one `{MODEL}` prediction per prompt, at most
    {MAX_CONCURRENT_CREATES} at a time (`max_active_tis_per_dag`).
-3. `wait` is mapped over the prediction ids and waits in the triggerer.
+3. `wait` is mapped over the prediction ids and waits in the triggerer. A prediction that ends failed
+   (a refused prompt) is handed on, not raised (`fail_on_error=False`).
 4. `persist` is mapped over the finished predictions: it downloads every image (streamed, size- and
    type-checked, no API key sent to the file host) into `<output_dir>/<run id>/` as
-   `<prediction id>-<index>.webp`, written atomically.
-5. `write_manifest` writes `manifest.jsonl` in the same folder: one JSON line per prediction with
-   `prompt`, `prediction_id`, `model`, `files` (paths), `sha256` (one per file, same order) and
-   `predict_time` (seconds, from the prediction's `metrics`). Its return value is the manifest's path.
+   `<prediction id>-<index>.webp`, written atomically. A failed prediction persists nothing.
+5. `manifest` writes `manifest.jsonl` in the same folder, one JSON line per prompt: `input`, `status`
+   (`succeeded`, `failed`, `canceled`, or `missing` when its create or wait task failed), `error`,
+   `prediction_id`, `model`, `predict_time` and `files` (`path`, `size`, `sha256`, `content_type`).
+   It then fails the run when more than `max_failures` prompts did not succeed; the images that did
+   succeed are saved either way.
 
 `output_dir` is a DAG param (default `{DEFAULT_OUTPUT_DIR}`, taken from the environment variable
 `AIRFLOW_COMET_OUTPUT` when the DAG is parsed). An S3 folder needs `apache-airflow-providers-amazon`
@@ -76,37 +88,15 @@ with `s3fs`; name its connection in the URL: `s3://aws_default@bucket/images`.
             for row in rows
         ]
 
-    @task
-    def write_manifest(inputs: list[dict], predictions: list[dict], persisted: list[list[dict]], folder: str) -> str:
-        """Write ``manifest.jsonl`` beside the images (atomically) and return its path."""
-        from airflow_comet.output_files import StagedFile, destination_folder
-
-        if not len(inputs) == len(predictions) == len(persisted):
-            raise ValueError(
-                f"{len(inputs)} prompts, {len(predictions)} predictions and {len(persisted)} persisted: "
-                "the mapped tasks should match one to one"
-            )
-        lines = []
-        # Mapped results come back in map-index order, so the i-th of each list belong together. zip()
-        # stops at the first list's end without reading past the others (which Airflow 3 logs as an error).
-        for model_input, prediction, records in zip(inputs, predictions, persisted):
-            if any(record["prediction_id"] != prediction["id"] for record in records):
-                raise ValueError(f"persisted files {records} do not belong to prediction {prediction['id']}")
-            written = sorted(records, key=lambda record: record["index"])
-            line = {
-                "prompt": model_input["prompt"],
-                "prediction_id": prediction["id"],
-                "model": prediction.get("model") or MODEL,
-                "files": [record["path"] for record in written],
-                "sha256": [record["sha256"] for record in written],
-                "predict_time": (prediction.get("metrics") or {}).get("predict_time"),
-            }
-            lines.append(json.dumps(line, ensure_ascii=False))
-        with StagedFile(destination_folder(folder), "manifest") as staged:
-            staged.open("jsonl").write(("\n".join(lines) + "\n").encode("utf-8"))
-            path = staged.publish()
-        print(f"Wrote {len(lines)} predictions to {path}")
-        return str(path)
+    # all_done: runs whatever the other prompts did, so the manifest always describes the whole run.
+    @task(trigger_rule="all_done")
+    def manifest(inputs: list[dict], predictions: list[dict], persisted: list[list[dict]], folder: str, params=None) -> str:
+        """Write ``manifest.jsonl`` beside the images, then fail if too many prompts did not succeed."""
+        rows = pipeline_rows(inputs, predictions, persisted)
+        path = write_manifest(folder, rows)
+        print(f"Wrote {path}: {summary(rows)}")
+        raise_for_failures(rows, params["max_failures"], where=path)
+        return path
 
     prompts = read_prompts()
 
@@ -116,12 +106,12 @@ with `s3fs`; name its connection in the URL: `s3://aws_default@bucket/images`.
         max_active_tis_per_dag=MAX_CONCURRENT_CREATES,
     ).expand(input=prompts)
 
-    wait = PredictionSensor.partial(task_id="wait", deferrable=True, timeout=900).expand(
-        prediction_id=create.output
-    )
+    wait = PredictionSensor.partial(
+        task_id="wait", deferrable=True, timeout=900, fail_on_error=False, trigger_rule="all_done"
+    ).expand(prediction_id=create.output)
 
-    persist = PersistPredictionOutputOperator.partial(task_id="persist", destination=RUN_FOLDER).expand(
-        prediction=wait.output
-    )
+    persist = PersistPredictionOutputOperator.partial(
+        task_id="persist", destination=RUN_FOLDER, fail_on_error=False, trigger_rule="all_done"
+    ).expand(prediction=wait.output)
 
-    write_manifest(prompts, wait.output, persist.output, RUN_FOLDER)
+    manifest(prompts, wait.output, persist.output, RUN_FOLDER)

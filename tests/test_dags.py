@@ -71,6 +71,34 @@ def test_failed_prediction_fails_the_task(sim):
     assert xcom(dr, "wait") is None
 
 
+@pytest.mark.parametrize("mode", ["deferrable", "poke"])
+def test_fail_on_error_false_hands_a_failed_prediction_on(sim, mode):
+    """The sensor, create-and-wait and persist succeed with a refused prompt's prediction as the result."""
+    from airflow_comet.operators.persist import PersistPredictionOutputOperator
+
+    sim.set_faults(Faults(durations=0.3, refused_words=("fox",)))
+    deferrable = mode == "deferrable"
+    with dag(f"t_fail_on_error_{mode}") as d:
+        create = CreatePredictionOperator(task_id="create", model=FLUX, input={"prompt": "a fox"})
+        wait = PredictionSensor(
+            task_id="wait", prediction_id=create.output, deferrable=deferrable, poke_interval=0.5, timeout=60,
+            fail_on_error=False,
+        )
+        PersistPredictionOutputOperator(
+            task_id="persist", prediction=wait.output, destination="file:///tmp/unused", fail_on_error=False
+        )
+        CreatePredictionOperator(
+            task_id="gen", model=FLUX, input={"prompt": "another fox"}, wait_for_completion=True,
+            deferrable=deferrable, fail_on_error=False,
+        )
+    dr = run(d)
+    assert states(dr) == {"create": "success", "wait": "success", "persist": "success", "gen": "success"}
+    final = xcom(dr, "wait")
+    assert final["id"] == xcom(dr, "create") and final["status"] == "failed" and "NSFW" in final["error"]
+    assert xcom(dr, "persist") == []
+    assert xcom(dr, "gen", "prediction")["status"] == "failed"
+
+
 def test_bad_key_fails_create_without_retrying(sim, monkeypatch):
     set_connection(monkeypatch, sim.base_url, key="sk-wrong")
     with dag("t_bad_key") as d:

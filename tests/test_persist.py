@@ -449,6 +449,19 @@ def test_a_prediction_that_did_not_succeed_is_refused(dest, status):
     assert dest.names() == []
 
 
+@pytest.mark.parametrize("status", ["failed", "canceled", "aborted", "processing"])
+def test_fail_on_error_false_persists_nothing_for_an_ended_prediction(dest, status):
+    """A failed prediction handed on by a sensor with fail_on_error=False: nothing to do, no error; one that
+    is still running is a mistake in the DAG and still fails."""
+    prediction = fake_prediction(None, pid="notdone1", status=status, error="NSFW")
+    if status == "processing":
+        with pytest.raises(PredictionFailedError, match="wait for it first"):
+            persist(prediction, dest, fail_on_error=False)
+    else:
+        assert persist(prediction, dest, fail_on_error=False) == []
+    assert dest.names() == []
+
+
 def test_a_failed_prediction_fetched_by_id_is_refused(sim, dest):
     sim.set_faults(Faults(durations=0.1, fail_rate=1.0))
     created = CometAPIHook().create_prediction(FLUX, {"prompt": "x"})

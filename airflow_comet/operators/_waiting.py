@@ -26,12 +26,13 @@ XCOM_DEFERRED_PREDICTION_ID = "deferred_prediction_id"
 
 class PredictionWaitMixin:
     """Follow a prediction to its end. Expects ``hook``, ``cometapi_conn_id``, ``poll_interval``,
-    ``cancel_on_kill``, ``execution_timeout`` and ``log`` on the class it is mixed into."""
+    ``cancel_on_kill``, ``fail_on_error``, ``execution_timeout`` and ``log`` on the class it is mixed into."""
 
     hook: CometAPIHook
     cometapi_conn_id: str
     poll_interval: float
     cancel_on_kill: bool
+    fail_on_error: bool
     execution_timeout: timedelta | None
     log: Any
 
@@ -123,7 +124,11 @@ class PredictionWaitMixin:
     # -- after waiting ----------------------------------------------------------------------------------
 
     def _finish(self, event: Any, *, deadline_is_task_timeout: bool = False) -> dict[str, Any]:
-        """Return the succeeded prediction, or raise with the event's message (cancelling on timeout)."""
+        """Return the succeeded prediction, or raise with the event's message (cancelling on timeout).
+
+        With ``fail_on_error=False`` a prediction that ended ``failed``, ``canceled`` or ``aborted`` is
+        returned too: the run's last task then decides whether failures fail it.
+        """
         if not isinstance(event, dict) or event.get("status") not in EVENT_STATUSES:
             raise AirflowException(f"Unexpected event from the CometAPI trigger: {event!r}")
         status = event["status"]
@@ -138,6 +143,9 @@ class PredictionWaitMixin:
             if deadline_is_task_timeout:
                 raise AirflowTaskTimeout(message)
             raise self._own_timeout_error(message)
+        if status in protocol.FAILED_STATUSES and not self.fail_on_error:
+            self.log.warning("%s; handed on as the result (fail_on_error=False)", message)
+            return prediction or {"id": prediction_id, "status": status, "error": event.get("message")}
         raise PredictionFailedError(message)
 
     def _cancel_after_timeout(self, prediction_id: str | None) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import Asset, BaseOperator
 
 from airflow_comet.exceptions import PredictionFailedError
-from airflow_comet.hooks._protocol import NON_TERMINAL_STATUSES
+from airflow_comet.hooks._protocol import FAILED_STATUSES, NON_TERMINAL_STATUSES
 from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.output_files import StagedFile, destination_folder, output_stem
@@ -52,10 +52,13 @@ class PersistPredictionOutputOperator(BaseOperator):
     then lists the files written (``prediction_id`` and ``files``).
 
     Mapped over a sensor: ``PersistPredictionOutputOperator.partial(task_id="persist",
-    destination="s3://bucket/images/{{ ds }}/").expand(prediction=wait.output)``.
+    destination="s3://bucket/images/{{ ds }}/", fail_on_error=False).expand(prediction=wait.output)``,
+    with the sensor's ``fail_on_error=False`` too, so that one refused prompt does not stop the others'
+    images from being saved (see ``dags_examples/comet_image_pipeline.py``).
 
     :param prediction: The prediction object (a dict, e.g. ``PredictionSensor``'s output) or a prediction
-        id, which is then fetched from CometAPI (templated). It must have succeeded.
+        id, which is then fetched from CometAPI (templated). It must have succeeded, or have ended (see
+        ``fail_on_error``).
     :param destination: The folder to write into: ``file:///...``, ``s3://bucket/prefix/`` or
         ``s3://conn_id@bucket/prefix/``, or an ``ObjectStoragePath`` (templated).
     :param cometapi_conn_id: The CometAPI connection, used only to fetch a prediction given by id.
@@ -70,6 +73,9 @@ class PersistPredictionOutputOperator(BaseOperator):
     :param expected_content_types: Media types the files must have (``"image/*"`` wildcards allowed).
         Default: the type of the prediction input's ``output_format`` (webp, png, jpg/jpeg), or any
         ``image/*`` when it has none.
+    :param fail_on_error: Fail for a prediction that ended ``failed``, ``canceled`` or ``aborted``; with
+        ``False`` such a prediction persists nothing and the task returns ``[]`` (one still running fails
+        the task either way: wait for it first).
     """
 
     template_fields: Sequence[str] = ("prediction", "destination", "destination_conn_id")
@@ -88,6 +94,7 @@ class PersistPredictionOutputOperator(BaseOperator):
         download_retries: int = 4,
         retry_backoff: float = 1.0,
         expected_content_types: Iterable[str] | str | None = None,
+        fail_on_error: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -112,10 +119,17 @@ class PersistPredictionOutputOperator(BaseOperator):
         self.download_retries = download_retries
         self.retry_backoff = retry_backoff
         self.expected_content_types = expected_content_types
+        self.fail_on_error = fail_on_error
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         prediction = self._load_prediction()
         prediction_id = prediction["id"]
+        if prediction.get("status") != "succeeded":  # ended, and fail_on_error=False let it through
+            self.log.warning(
+                "Prediction %s ended %s (%s): nothing to persist", prediction_id, prediction.get("status"),
+                prediction.get("error") or "no error given",
+            )
+            return []
         urls = output_urls(prediction)
         accepted = accepted_content_types(prediction.get("input"), self.expected_content_types)
         folder = destination_folder(self.destination, self.destination_conn_id)
@@ -176,6 +190,8 @@ class PersistPredictionOutputOperator(BaseOperator):
         prediction = dict(value)
         prediction_id = validate_prediction_id(prediction.get("id"))
         status = prediction.get("status")
+        if status in FAILED_STATUSES and not self.fail_on_error:
+            return prediction
         if status != "succeeded":
             detail = f": {prediction['error']}" if prediction.get("error") else ""
             if status in NON_TERMINAL_STATUSES:

@@ -32,7 +32,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
     Start a prediction of a CometAPI model; its XCom ``return_value`` is always the prediction id.
 
     With ``wait_for_completion`` the task also waits for the prediction to end (in the triggerer when
-    ``deferrable``), fails if it did not succeed, and pushes the final prediction object under the XCom key
+    ``deferrable``), fails if it did not succeed (unless ``fail_on_error=False``), and pushes the final prediction object under the XCom key
     ``prediction``. On Airflow 3.3 the id is kept in the task state store, so a retry resumes a prediction
     that is still running or already succeeded instead of paying for a new one.
 
@@ -50,6 +50,9 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
     :param prefer_wait: Ask CometAPI to hold the create answer up to this many seconds (``Prefer: wait``,
         1-60) so a fast prediction comes back done without any poll; harmless where it is ignored.
     :param cancel_on_kill: Cancel the prediction when the task is stopped or times out.
+    :param fail_on_error: With ``wait_for_completion``, fail when the prediction ends ``failed``,
+        ``canceled`` or ``aborted``; with ``False`` the task succeeds and the ``prediction`` XCom says how
+        it ended (a timeout still fails it).
     :param resume: On Airflow 3.3, let a retry resume this task instance's earlier prediction (same model
         and input) instead of creating a new one.
     """
@@ -71,6 +74,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         timeout: float | None = 3600.0,
         prefer_wait: int | None = None,
         cancel_on_kill: bool = True,
+        fail_on_error: bool = True,
         resume: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -99,6 +103,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         self.timeout = timeout
         self.prefer_wait = prefer_wait
         self.cancel_on_kill = cancel_on_kill
+        self.fail_on_error = fail_on_error
         self.resume = resume
         self.prediction_id: str | None = None
 

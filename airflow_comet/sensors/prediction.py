@@ -33,14 +33,19 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
     """
     Wait until a prediction has succeeded; its XCom ``return_value`` is the final prediction object.
 
-    Fails when the prediction ends ``failed``, ``canceled`` or ``aborted``, with the API's error text.
-    In deferrable mode the wait runs in the triggerer and holds no worker slot; the trigger polls every
+    Fails when the prediction ends ``failed``, ``canceled`` or ``aborted``, with the API's error text,
+    unless ``fail_on_error=False``: then that prediction is the result too, so that a mapped pipeline
+    persists every image that succeeded and decides at its end whether failures fail the run. In
+    deferrable mode the wait runs in the triggerer and holds no worker slot; the trigger polls every
     1.7 s after creation at first and backs off towards ``poke_interval``.
 
     :param prediction_id: The prediction to wait for, usually ``create.output`` (templated).
     :param cometapi_conn_id: The CometAPI connection.
     :param deferrable: Wait in the triggerer (default ``[operators] default_deferrable``).
     :param cancel_on_kill: Cancel the prediction when the task is stopped or times out (in every mode).
+    :param fail_on_error: Fail when the prediction ends ``failed``/``canceled``/``aborted``; with ``False``
+        the task succeeds and returns that prediction (its ``status`` and ``error`` say what happened).
+        A timeout or a wait that could not go on (unknown id, revoked key) fails the task either way.
     """
 
     template_fields: Sequence[str] = ("prediction_id",)
@@ -54,6 +59,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         cometapi_conn_id: str = CometAPIHook.default_conn_name,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         cancel_on_kill: bool = True,
+        fail_on_error: bool = True,
         poke_interval: float = 20.0,
         **kwargs: Any,
     ) -> None:
@@ -64,6 +70,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         self.cometapi_conn_id = cometapi_conn_id
         self.deferrable = deferrable
         self.cancel_on_kill = cancel_on_kill
+        self.fail_on_error = fail_on_error
         self._poller: PredictionPoller | None = None
         self._link_pushed = False
 
