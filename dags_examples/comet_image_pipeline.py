@@ -48,6 +48,7 @@ with DAG(
             type="string",
             description="Folder for the images: file:///..., s3://bucket/prefix or s3://conn_id@bucket/prefix.",
         ),
+        "prompts_file": Param(str(PROMPTS_FILE), type="string", description="CSV of prompts: slug,prompt,aspect_ratio."),
         "max_failures": Param(
             0, type="integer", minimum=0, description="Prompts that may fail before the run is marked failed."
         ),
@@ -56,7 +57,8 @@ with DAG(
     doc_md=f"""
 ### Image pipeline
 
-1. `read_prompts` reads `data/prompts.csv` (slug, prompt, aspect ratio) at run time.
+1. `read_prompts` reads the `prompts_file` param's CSV (slug, prompt, aspect ratio; default
+   `data/prompts.csv`) at run time.
 2. `create` is mapped over the rows: one `{MODEL}` prediction per prompt, at most
    {MAX_CONCURRENT_CREATES} at a time (`max_active_tis_per_dag`).
 3. `wait` is mapped over the prediction ids and waits in the triggerer. A prediction that ends failed
@@ -77,12 +79,13 @@ with `s3fs`; name its connection in the URL: `s3://aws_default@bucket/images`.
 ) as dag:
 
     @task
-    def read_prompts() -> list[dict]:
+    def read_prompts(params=None) -> list[dict]:
         """One model input per row of the prompts file."""
-        with PROMPTS_FILE.open(newline="") as handle:
+        path = Path(params["prompts_file"])
+        with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         if not rows:
-            raise ValueError(f"{PROMPTS_FILE} has no prompts")
+            raise ValueError(f"{path} has no prompts")
         return [
             {"prompt": row["prompt"], "aspect_ratio": row.get("aspect_ratio") or "1:1", "output_format": "webp"}
             for row in rows

@@ -16,15 +16,13 @@ from tests.dagrun import run, states
 EXAMPLE = Path(__file__).resolve().parent.parent / "dags_examples" / "comet_image_pipeline.py"
 
 
-def _load_example(monkeypatch: pytest.MonkeyPatch, output: Path, prompts: Path | None = None):
+def _load_example(monkeypatch: pytest.MonkeyPatch, output: Path):
     """Import the example DAG file afresh, with its output folder (read at parse time) under ``output``."""
     monkeypatch.setenv("AIRFLOW_COMET_OUTPUT", output.as_uri())
     spec = importlib.util.spec_from_file_location("comet_image_pipeline_under_test", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
-    if prompts is not None:
-        module.PROMPTS_FILE = prompts  # read by the read_prompts task at run time
     return module.dag
 
 
@@ -77,9 +75,9 @@ def test_a_prompt_refused_at_create_is_missing_and_the_others_are_saved(sim, mon
         "d,A city,16:9\n"
     )
     output = tmp_path / "out"
-    dag = _load_example(monkeypatch, output, prompts)
+    dag = _load_example(monkeypatch, output)
 
-    dagrun = run(dag, run_conf={"max_failures": 1})
+    dagrun = run(dag, run_conf={"max_failures": 1, "prompts_file": str(prompts)})
 
     ti_states = states(dagrun)
     rows = _manifest(output)
