@@ -94,4 +94,5 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_comet.links.PredictionLink"],
+        "task-decorators": [{"name": "cometapi", "class-name": "airflow_comet.decorators.cometapi.cometapi_task"}],
     }
