@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from airflow.providers.common.compat.sdk import ObjectStoragePath
 
-__all__ = ["DEFAULT_MAX_BYTES", "FILE_INPUT_KEYS", "media_type_of", "resolve_file_inputs"]
+__all__ = ["DEFAULT_MAX_BYTES", "FILE_INPUT_KEYS", "file_input_paths", "media_type_of", "resolve_file_inputs"]
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 #: The input keys that may hold image files; nothing else in the input is ever read or changed.
@@ -53,6 +53,19 @@ def resolve_file_inputs(input: Mapping[str, Any], *, max_bytes: int = DEFAULT_MA
             raise ValueError(f"input_images must be a list of images, got {type(images).__name__}")
         resolved["input_images"] = [_resolve(item, f"input_images[{i}]", max_bytes) for i, item in enumerate(images)]
     return resolved
+
+
+def file_input_paths(input: Mapping[str, Any]) -> list[Any]:
+    """The values of ``input`` that :func:`resolve_file_inputs` reads as files (for lineage), in order."""
+    if not isinstance(input, Mapping):
+        return []
+    images = input.get("input_images")
+    values = [input.get("input_image"), *(images if isinstance(images, (list, tuple)) else ())]
+    return [
+        value
+        for value in values
+        if value is not None and not (isinstance(value, str) and value.strip().lower().startswith(_PASS_THROUGH))
+    ]
 
 
 def media_type_of(head: bytes, name: str) -> str | None:

@@ -124,6 +124,7 @@ class PersistPredictionOutputOperator(BaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         prediction = self._load_prediction()
         prediction_id = prediction["id"]
+        self._lineage = {"model": prediction.get("model"), "prediction_ids": [prediction_id], "outputs": []}
         if prediction.get("status") != "succeeded":  # ended, and fail_on_error=False let it through
             self.log.warning(
                 "Prediction %s ended %s (%s): nothing to persist", prediction_id, prediction.get("status"),
@@ -154,7 +155,14 @@ class PersistPredictionOutputOperator(BaseOperator):
                 )
                 files.append(record)
         self._annotate_asset_events(context, prediction_id, files)
+        self._lineage["outputs"] = [record["path"] for record in files]
         return files
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: one output dataset per file written; the prediction's model and id as run facets."""
+        from airflow_comet.lineage import prediction_lineage
+
+        return prediction_lineage(**getattr(self, "_lineage", {"model": None, "prediction_ids": []}))
 
     def _persist_one(
         self,

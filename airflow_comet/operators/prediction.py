@@ -11,7 +11,7 @@ from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_comet import resume
 from airflow_comet.exceptions import CometAPINotFoundError, CometAPIResponseError
-from airflow_comet.file_inputs import FILE_INPUT_KEYS, resolve_file_inputs
+from airflow_comet.file_inputs import FILE_INPUT_KEYS, file_input_paths, resolve_file_inputs
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
 from airflow_comet.operators._waiting import XCOM_DEFERRED_PREDICTION_ID, XCOM_PREDICTION, PredictionWaitMixin
@@ -183,6 +183,17 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         if resume.remember(context, prediction["id"], digest):
             self.log.info("Saved prediction id %s in the task state store for retries", prediction["id"])
         return prediction
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the files read as inputs (``input_image`` paths) and the model and prediction made."""
+        from airflow_comet.lineage import prediction_lineage
+
+        return prediction_lineage(
+            model=self.model,
+            prediction_ids=[self.prediction_id] if self.prediction_id else [],
+            # From the rendered input, without reading the files (this may run after a resume, in a new process).
+            inputs=file_input_paths(self.input) if isinstance(self.input, Mapping) else [],
+        )
 
     def on_kill(self) -> None:
         """Cancel the running prediction (best effort) when the task is stopped in the worker."""
