@@ -48,6 +48,7 @@ class _CometAPIDecoratedOperator(DecoratedOperator, CreatePredictionOperator):
     # Airflow 3 stores the rendered fields again when the task ends, so the UI shows the input the function
     # returned instead of the placeholder.
     overwrite_rtif_after_execution: bool = True
+    _returns = "prediction"  # what the trigger returns when it ends the task (end_from_trigger)
 
     def __init__(
         self,

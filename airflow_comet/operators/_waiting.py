@@ -26,13 +26,16 @@ XCOM_DEFERRED_PREDICTION_ID = "deferred_prediction_id"
 
 class PredictionWaitMixin:
     """Follow a prediction to its end. Expects ``hook``, ``cometapi_conn_id``, ``poll_interval``,
-    ``cancel_on_kill``, ``fail_on_error``, ``execution_timeout`` and ``log`` on the class it is mixed into."""
+    ``cancel_on_kill``, ``fail_on_error``, ``end_from_trigger``, ``execution_timeout`` and ``log`` on the class it is mixed into."""
 
     hook: CometAPIHook
     cometapi_conn_id: str
     poll_interval: float
     cancel_on_kill: bool
     fail_on_error: bool
+    end_from_trigger: bool
+    #: What the task returns when its trigger ends it: the final ``"prediction"``, or its ``"id"``.
+    _returns = "prediction"
     execution_timeout: timedelta | None
     log: Any
 
@@ -119,6 +122,9 @@ class PredictionWaitMixin:
             started_at=created_epoch(prediction),
             end_time=end_time,
             cancel_on_kill=self.cancel_on_kill,
+            end_from_trigger=self.end_from_trigger,
+            return_value=self._returns,
+            fail_on_error=self.fail_on_error,
         )
 
     # -- after waiting ----------------------------------------------------------------------------------

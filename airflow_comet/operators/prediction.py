@@ -53,11 +53,15 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
     :param fail_on_error: With ``wait_for_completion``, fail when the prediction ends ``failed``,
         ``canceled`` or ``aborted``; with ``False`` the task succeeds and the ``prediction`` XCom says how
         it ended (a timeout still fails it).
+    :param end_from_trigger: With ``deferrable``, let the trigger end the task (Airflow >= 2.10): the wait
+        costs no second worker run. Airflow then skips ``on_success_callback``, refuses the DAG while a
+        listener such as OpenLineage is registered, and (before 3.3) does not retry a task the trigger failed.
     :param resume: On Airflow 3.3, let a retry resume this task instance's earlier prediction (same model
         and input) instead of creating a new one.
     """
 
     template_fields: Sequence[str] = ("model", "input")
+    _returns = "id"  # the trigger's return value when it ends the task (end_from_trigger)
     template_fields_renderers = {"input": "json"}
     ui_color = "#e8e4fb"
     operator_extra_links = (PredictionLink(),)
@@ -75,6 +79,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         prefer_wait: int | None = None,
         cancel_on_kill: bool = True,
         fail_on_error: bool = True,
+        end_from_trigger: bool = False,
         resume: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -104,6 +109,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         self.prefer_wait = prefer_wait
         self.cancel_on_kill = cancel_on_kill
         self.fail_on_error = fail_on_error
+        self.end_from_trigger = end_from_trigger
         self.resume = resume
         self.prediction_id: str | None = None
 

@@ -46,6 +46,9 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
     :param fail_on_error: Fail when the prediction ends ``failed``/``canceled``/``aborted``; with ``False``
         the task succeeds and returns that prediction (its ``status`` and ``error`` say what happened).
         A timeout or a wait that could not go on (unknown id, revoked key) fails the task either way.
+    :param end_from_trigger: With ``deferrable``, let the trigger end the task (Airflow >= 2.10): the wait
+        costs no second worker run. Airflow then skips ``on_success_callback``, refuses the DAG while a
+        listener such as OpenLineage is registered, and (before 3.3) does not retry a task the trigger failed.
     """
 
     template_fields: Sequence[str] = ("prediction_id",)
@@ -60,6 +63,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         cancel_on_kill: bool = True,
         fail_on_error: bool = True,
+        end_from_trigger: bool = False,
         poke_interval: float = 20.0,
         **kwargs: Any,
     ) -> None:
@@ -71,6 +75,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         self.deferrable = deferrable
         self.cancel_on_kill = cancel_on_kill
         self.fail_on_error = fail_on_error
+        self.end_from_trigger = end_from_trigger
         self._poller: PredictionPoller | None = None
         self._link_pushed = False
 

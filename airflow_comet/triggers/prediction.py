@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
-from logging import Logger
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_comet.exceptions import CometAPIConfigError
+from airflow_comet.exceptions import CometAPIConfigError, CometAPIError
 from airflow_comet.hooks.cometapi import CometAPIHook, aconnection_settings
 from airflow_comet.triggers._shared_poller import Watch, shared_poller
 
@@ -35,6 +33,14 @@ class PredictionTrigger(BaseTrigger):
     :param end_time: Epoch deadline; at it the trigger fires a ``timeout`` event (it does not cancel: the
         task's ``execute_complete`` does, so the failure and the cancel are reported together).
     :param cancel_on_kill: Cancel the prediction when a person stops the deferred task (Airflow >= 3.3).
+    :param end_from_trigger: End the task from here instead of resuming it in a worker (no second worker
+        run): success with the XComs below, or failure (a timeout cancels the prediction first). Airflow
+        3.3 retries a task that a trigger failed; older versions do not.
+    :param return_value: With ``end_from_trigger``, what the task returns: ``"prediction"`` (the
+        sensor's contract) or ``"id"`` (the operator's, which also pushes the prediction under the
+        XCom key ``prediction``).
+    :param fail_on_error: With ``end_from_trigger``, fail the task for a prediction that ended
+        ``failed``/``canceled`` (``False``: succeed with it as the result).
     """
 
     def __init__(
@@ -45,6 +51,9 @@ class PredictionTrigger(BaseTrigger):
         started_at: float | None = None,
         end_time: float | None = None,
         cancel_on_kill: bool = True,
+        end_from_trigger: bool = False,
+        return_value: str = "prediction",
+        fail_on_error: bool = True,
     ) -> None:
         super().__init__()
         self.prediction_id = prediction_id
@@ -53,6 +62,11 @@ class PredictionTrigger(BaseTrigger):
         self.started_at = float(started_at) if started_at is not None else time.time()
         self.end_time = float(end_time) if end_time is not None else None
         self.cancel_on_kill = cancel_on_kill
+        if return_value not in ("prediction", "id"):
+            raise ValueError(f"return_value must be 'prediction' or 'id', got {return_value!r}")
+        self.end_from_trigger = end_from_trigger
+        self.return_value = return_value
+        self.fail_on_error = fail_on_error
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -64,23 +78,11 @@ class PredictionTrigger(BaseTrigger):
                 "started_at": self.started_at,
                 "end_time": self.end_time,
                 "cancel_on_kill": self.cancel_on_kill,
+                "end_from_trigger": self.end_from_trigger,
+                "return_value": self.return_value,
+                "fail_on_error": self.fail_on_error,
             },
         )
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._log = None  # a subclass makes its own class logger (its own name), not this class's
-
-    @property
-    def log(self) -> Logger:
-        """One logger for every ``PredictionTrigger`` (the class's), not one per trigger.
-
-        Airflow routes a trigger's lines to its task's log by the context they are logged in (the trigger's
-        id, bound in its task), not by the logger object; and on Airflow 3 a logger per trigger is about ten
-        objects that the garbage collector carries for as long as each trigger waits (structlog proxies),
-        two fifths of what a waiting trigger adds (benchmarks/gc_objects.py).
-        """
-        return type(self).logger()
 
     def _hook(self) -> CometAPIHook:
         return CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
@@ -92,14 +94,12 @@ class PredictionTrigger(BaseTrigger):
             # broken connection ends the wait within seconds (the lookup is shared with the loop's other hooks).
             await self._check_connection()
             # The status checks are sent by the connection's shared poller (one timer and a few workers for
-            # every trigger of the triggerer); this task wakes only for what it logs or yields: status changes
-            # only when they would be logged (they are DEBUG lines, see below).
+            # every trigger of the triggerer); this task wakes only for what it logs or yields.
             watch = shared_poller(self.cometapi_conn_id).follow(
                 self.prediction_id,
                 self.started_at,
                 end_time=self.end_time,
                 poll_interval=self.poll_interval,
-                tell_changes=self._logs_debug(),
             )
             while True:
                 outcome = await watch.next_outcome()
@@ -111,12 +111,13 @@ class PredictionTrigger(BaseTrigger):
                         watch.polls,
                         time.time() - self.started_at,
                     )
-                    yield TriggerEvent(outcome.event)
+                    if self.end_from_trigger:
+                        yield await self._end_task(outcome.event)
+                    else:
+                        yield TriggerEvent(outcome.event)
                     return
                 if outcome.new_status:
-                    # At DEBUG: a log line costs the triggerer more CPU than a status request, Airflow
-                    # already logs that the trigger started, and the INFO line above says how the wait ended.
-                    self.log.debug("Prediction %s is %s", self.prediction_id, outcome.new_status)
+                    self.log.info("Prediction %s is %s", self.prediction_id, outcome.new_status)
                 elif outcome.problem:
                     self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         except (asyncio.CancelledError, GeneratorExit):
@@ -135,11 +136,32 @@ class PredictionTrigger(BaseTrigger):
             if watch is not None:
                 watch.close()
 
-    def _logs_debug(self) -> bool:
-        """Whether this trigger's DEBUG lines are kept (a logger without the stdlib's ``isEnabledFor``, as a
-        plain structlog one: assumed so)."""
-        enabled = getattr(self.log, "isEnabledFor", None)
-        return True if enabled is None else bool(enabled(logging.DEBUG))
+    async def _end_task(self, event: dict[str, Any]) -> TriggerEvent:
+        """The event that ends the task from the triggerer (``end_from_trigger``): what the operator's
+        ``execute_complete`` would have decided, cancelling the prediction on a timeout first."""
+        from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
+
+        status, prediction = event["status"], event.get("prediction")
+        handed_on = status in ("failed", "canceled") and not self.fail_on_error
+        if status == "succeeded" or (handed_on and prediction):
+            if self.return_value == "id":
+                return TaskSuccessEvent(xcoms={"return_value": self.prediction_id, "prediction": prediction})
+            return TaskSuccessEvent(xcoms={"return_value": prediction})
+        message = event["message"]
+        if status == "timeout" and self.cancel_on_kill:
+            message += " " + await self._cancel_after_timeout()
+        self.log.error("%s", message)
+        return TaskFailedEvent()
+
+    async def _cancel_after_timeout(self) -> str:
+        try:
+            async with self._hook() as hook:
+                answer = await hook.acancel_prediction(self.prediction_id)
+        except CometAPIError as error:
+            return f"Cancelling it failed ({error}); it may still be running and billing."
+        if answer is None:
+            return "CometAPI could not cancel it (no cancel endpoint); it may still be running and billing."
+        return "It was cancelled."
 
     async def _check_connection(self) -> None:
         """Raise when the connection cannot be used, after a few tries over about half a minute.
