@@ -85,6 +85,13 @@ def get_provider_info() -> dict[str, Any]:
                         "re-signs TLS), or false to skip the check (empty: the default CAs).",
                         "schema": {"type": ["string", "null"]},
                     },
+                    "allowed_output_hosts": {
+                        "label": "Private output hosts",
+                        "description": "Host names (mirror.corp.example, *.corp.example) or address ranges "
+                        "(10.1.0.0/16), comma-separated, that output downloads may reach although they are not "
+                        "public: a private mirror, a proxy that rewrites delivery URLs (docs/security.md).",
+                        "schema": {"type": ["string", "null"]},
+                    },
                     "trust_env": {
                         "label": "Use environment proxy and CA settings",
                         "description": "Read HTTPS_PROXY, NO_PROXY and REQUESTS_CA_BUNDLE from the environment.",

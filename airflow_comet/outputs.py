@@ -1,9 +1,11 @@
 """Download a prediction's output files: plain HTTP(S), streamed, bounded, checked, retried.
 
 Output URLs point at a file-delivery host (a CDN), not at CometAPI: they are fetched with a fresh
-session that never carries the CometAPI key nor any other ``Authorization`` header. Every file is
-checked (status, Content-Type, size, Content-Length) while it streams into a sink chosen by the caller,
-so nothing is published until the whole file has arrived intact.
+session that never carries the CometAPI key nor any other ``Authorization`` header, and that connects only
+to public addresses, on every redirect hop too (``_address_guard``; exceptions come from the CometAPI
+connection: :func:`address_policy_for`). Every file is checked (status, Content-Type, size, Content-Length)
+while it streams into a sink chosen by the caller, so nothing is published until the whole file has arrived
+intact.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from airflow_comet import __version__
+from airflow_comet._address_guard import AddressPolicy, AddressRefused, GuardedAdapter
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks._protocol import RETRYABLE_STATUS_CODES, parse_retry_after
 from airflow_comet.hooks._retry import RetryPolicy, call_with_retries
@@ -30,6 +33,7 @@ __all__ = [
     "Downloaded",
     "OutputDownloadError",
     "accepted_content_types",
+    "address_policy_for",
     "check_output_url",
     "display_url",
     "download",
@@ -178,9 +182,13 @@ class _PlainSession(requests.Session):
         prepared_request.headers.pop("Authorization", None)
 
 
-def plain_session() -> requests.Session:
-    """A fresh session for output files: no key, no auth, environment proxies and CA bundles kept."""
+def plain_session(policy: AddressPolicy | None = None) -> requests.Session:
+    """A fresh session for output files: no key, no auth, environment proxies and CA bundles kept, and only
+    the addresses ``policy`` allows (default: public addresses only)."""
     session = _PlainSession()
+    adapter = GuardedAdapter(policy or AddressPolicy())
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     session.auth = _NoAuth()
     session.max_redirects = _MAX_REDIRECTS
     session.headers["User-Agent"] = f"airflow-comet/{__version__}"
@@ -188,6 +196,24 @@ def plain_session() -> requests.Session:
     # Compressed transfer would make the received byte count differ from Content-Length.
     session.headers["Accept-Encoding"] = "identity"
     return session
+
+
+def address_policy_for(conn_id: str, logger: logging.Logger | None = None) -> AddressPolicy:
+    """Where output files may be fetched from: public addresses, plus the exceptions of CometAPI connection
+    ``conn_id`` (its extra ``allowed_output_hosts``; loopback when its own host is loopback). Without that
+    connection, public addresses only."""
+    from airflow.providers.common.compat.sdk import AirflowNotFoundException
+
+    from airflow_comet.hooks.cometapi import CometAPIHook
+
+    try:
+        settings = CometAPIHook(cometapi_conn_id=conn_id).settings
+    except AirflowNotFoundException:
+        (logger or logging.getLogger(__name__)).info(
+            "No connection %r: output files are fetched from public addresses only", conn_id
+        )
+        return AddressPolicy(conn_id=conn_id)
+    return AddressPolicy.for_connection(conn_id, settings.base_url, settings.allowed_output_hosts)
 
 
 def download(
@@ -207,6 +233,11 @@ def download(
     shown = display_url(url)
     try:
         response = session.get(url, stream=True, timeout=timeout, allow_redirects=True)
+    except AddressRefused as e:
+        # Not retryable: the same answer would lead to the same address.
+        hop = display_url(e.url) if e.url else shown
+        via = f" (redirected to {hop})" if hop != shown else ""
+        raise OutputDownloadError(f"Refusing to download {shown}{via}: {e.reason}. {e.hint}") from None
     except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as e:
         raise OutputDownloadError(f"Cannot download {shown}: {type(e).__name__}: {e}") from None
     except requests.exceptions.TooManyRedirects:

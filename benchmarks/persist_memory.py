@@ -60,6 +60,11 @@ def orchestrate(size: int) -> int:
         base_url = line.split(" on ", 1)[1].split()[0]
         small = finished_prediction(base_url, SMALL_MODEL)
         large = finished_prediction(base_url, LARGE_MODEL)
+        # The children's persist step downloads from the simulator's loopback delivery host, which output
+        # downloads reach only when the CometAPI connection is loopback too (docs/security.md).
+        os.environ["AIRFLOW_CONN_COMETAPI_DEFAULT"] = json.dumps(
+            {"conn_type": "cometapi", "password": API_KEY, "host": base_url}
+        )
         results = [run_child(phase, small, large) for phase in ("persist", "naive")]
     finally:
         sim.terminate()

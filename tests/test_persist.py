@@ -25,11 +25,18 @@ from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.operators.persist import PersistPredictionOutputOperator
 from airflow_comet.outputs import OutputDownloadError
 from airflow_comet.testing import Faults
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, set_connection
 from tests.scripted_server import Answer, ScriptedServer
 
 FLUX = "black-forest-labs/flux-schnell"
 AWS_CONN_ID = "aws_persist_test"
+
+
+@pytest.fixture(autouse=True)
+def _loopback_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The file hosts here listen on 127.0.0.1, which output downloads may reach only when the CometAPI
+    # connection is loopback too, as with the simulator (docs/security.md). ``sim`` points it at itself.
+    set_connection(monkeypatch, "http://127.0.0.1:9")
 
 
 # -- destinations: a local folder and a bucket on a real S3-compatible server -------------------------------

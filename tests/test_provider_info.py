@@ -47,6 +47,10 @@ SAMPLES = {
     "retry_backoff": (0.25, lambda s: s.retry_backoff == 0.25),
     "proxy": ("http://corp-proxy:3128", lambda s: s.proxy == "http://corp-proxy:3128"),
     "verify": ("false", lambda s: s.verify is False),
+    "allowed_output_hosts": (
+        "mirror.corp.example, 10.1.0.0/16",
+        lambda s: s.allowed_output_hosts == ("mirror.corp.example", "10.1.0.0/16"),
+    ),
 }
 
 
@@ -65,7 +69,9 @@ def test_every_form_field_sets_the_setting_it_names(monkeypatch):
     assert _settings({"trust_env": False}).proxy is None
 
 
-@pytest.mark.parametrize("name", ["proxy", "verify", "trust_env", "read_timeout", "max_retries"])
+@pytest.mark.parametrize(
+    "name", ["proxy", "verify", "trust_env", "read_timeout", "max_retries", "allowed_output_hosts"]
+)
 def test_an_empty_field_means_the_default(name):
     # The form saves a field left empty as "" (or null): that must not be read as a proxy, a CA path or a
     # flag.

@@ -96,6 +96,9 @@ class ConnectionSettings:
     proxy: str | None = None
     #: Check TLS against the system's CAs (True), a CA bundle path, or not (False) (``_route.verify_setting``).
     verify: bool | str = True
+    #: Host names and address ranges output downloads may reach although they are not public
+    #: (``_address_guard.parse_allowed_hosts``): a private mirror, a proxy that rewrites delivery URLs.
+    allowed_output_hosts: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"ConnectionSettings(conn_id={self.conn_id!r}, base_url={self.base_url!r}, api_key=***)"
@@ -130,6 +133,7 @@ class ConnectionSettings:
             api_key=api_key,
             proxy=proxy_for(conn_id, base_url, extras),
             verify=verify_setting(conn_id, base_url, extras),
+            allowed_output_hosts=_allowed_output_hosts(conn_id, extras),
             connect_timeout=_positive(conn_id, extras, "connect_timeout", cls.connect_timeout),
             read_timeout=_positive(conn_id, extras, "read_timeout", cls.read_timeout),
             max_retries=int(_positive(conn_id, extras, "max_retries", cls.max_retries, allow_zero=True)),
@@ -178,6 +182,15 @@ def _positive(conn_id: str, extras: Mapping[str, Any], key: str, default: float,
     if value < 0 or (value == 0 and not allow_zero):
         raise CometAPIConfigError(f"Connection {conn_id!r}: extra {key!r} must be positive, got {raw!r}")
     return value
+
+
+def _allowed_output_hosts(conn_id: str, extras: Mapping[str, Any]) -> tuple[str, ...]:
+    from airflow_comet._address_guard import parse_allowed_hosts  # it builds on requests: loaded when needed
+
+    try:
+        return parse_allowed_hosts(extras.get("allowed_output_hosts"))
+    except ValueError as e:
+        raise CometAPIConfigError(f"Connection {conn_id!r}: extra 'allowed_output_hosts' {e}") from None
 
 
 def parse_retry_after(value: str | None, cap: float, now: float | None = None) -> float | None:

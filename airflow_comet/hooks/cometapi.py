@@ -51,6 +51,7 @@ OWN_EXTRAS = (
     "max_retry_wait",
     "retry_backoff",
     "max_requests_per_second",
+    "allowed_output_hosts",
 )
 #: urllib3's words for a proxy that answered CONNECT with 407 (the rest of its message names paths and ports).
 _PROXY_407 = re.compile(r"Tunnel connection failed: 407\b")

@@ -18,6 +18,7 @@ from airflow_comet.outputs import (
     DEFAULT_TIMEOUT,
     Timeout,
     accepted_content_types,
+    address_policy_for,
     check_output_url,
     display_url,
     download,
@@ -61,7 +62,8 @@ class PersistPredictionOutputOperator(BaseOperator):
         ``fail_on_error``).
     :param destination: The folder to write into: ``file:///...``, ``s3://bucket/prefix/`` or
         ``s3://conn_id@bucket/prefix/``, or an ``ObjectStoragePath`` (templated).
-    :param cometapi_conn_id: The CometAPI connection, used only to fetch a prediction given by id.
+    :param cometapi_conn_id: The CometAPI connection: used to fetch a prediction given by id, and for the
+        private hosts output files may come from (its extra ``allowed_output_hosts``; docs/security.md).
     :param destination_conn_id: The connection for ``destination`` (e.g. an ``aws`` connection); overrides
         a conn id written in the URL (templated).
     :param max_bytes: Largest file accepted; a larger one fails the task and nothing is written.
@@ -139,8 +141,9 @@ class PersistPredictionOutputOperator(BaseOperator):
 
         timeout = tuple(self.timeout) if isinstance(self.timeout, list) else self.timeout
         files = []
-        # A session of its own, never the hook's: the CometAPI key must not reach the file host.
-        with plain_session() as session:
+        # A session of its own, never the hook's: the CometAPI key must not reach the file host. It connects
+        # only to public addresses, plus the exceptions set on the CometAPI connection (docs/security.md).
+        with plain_session(address_policy_for(self.cometapi_conn_id, self.log)) as session:
             for index, url in enumerate(urls):
                 one_file = functools.partial(
                     self._persist_one, session, folder, prediction_id, index, url, accepted, timeout
