@@ -38,7 +38,7 @@ from airflow_comet.hooks._masking import mask
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
 from airflow_comet.hooks._ratelimit import RequestBudget, release_pool, request_budget, shared_pool
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
-from airflow_comet.hooks._settings_cache import cached_settings, forget_settings
+from airflow_comet.hooks._settings_cache import cached_settings, settings_refused
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,10 @@ class CometAPIHook(BaseHook):
         extras = await get_async_extra_dejson(conn)
         return ConnectionSettings.from_connection(conn, extras)
 
-    async def _aforget_settings(self) -> None:
-        """Look the connection up again on the next request (its key may have been changed meanwhile)."""
-        forget_settings(self.cometapi_conn_id)
+    async def _aforget_settings(self, refused: ConnectionSettings) -> None:
+        """After a 401 to ``refused``'s key: take the settings afresh on the next request (the key may have
+        been changed meanwhile; the cache decides whether to look the connection up again for it)."""
+        settings_refused(self.cometapi_conn_id, refused.api_key)
         self._settings = None
         await self.aclose()  # the shared pool carries the old key
 
@@ -353,7 +354,7 @@ class CometAPIHook(BaseHook):
             return self._parse(settings, method, path, response.status, response.headers, response.body)
         except CometAPIAuthError:
             # A key rotated in the connection while triggers run: the next poll picks the new one up.
-            await self._aforget_settings()
+            await self._aforget_settings(settings)
             raise
         except CometAPIResponseError as e:
             if e.status_code == 429 and e.retry_after:
