@@ -280,7 +280,7 @@ def test_async_hook_keeps_one_connection_for_many_requests(scripted):
     assert len(scripted.seen) == 5
     assert scripted.connections == 1
     # A trigger's hook never builds the requests machinery it does not use.
-    assert hook.keep_alive_adapter is None
+    assert "session" not in vars(hook)
 
 
 def test_a_hook_left_open_works_in_the_next_event_loop(scripted):
@@ -309,7 +309,7 @@ def test_sync_hook_keeps_one_connection_for_many_requests(scripted):
     for _ in range(5):
         hook.get_prediction("p1")
     assert scripted.connections == 1
-    # With TCP keep-alive probes, as HttpHook sets them up: a long Prefer: wait hold is not dropped as idle.
+    # With TCP keep-alive probes (HttpHook's settings): a long Prefer: wait hold is not dropped as idle.
     adapter = hook.session.get_adapter(scripted.url)
     assert isinstance(adapter, TCPKeepAliveAdapter)
     assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in adapter.socket_options
@@ -337,12 +337,31 @@ def test_key_stays_out_of_logs_while_retrying(scripted, caplog, capsys):
     assert API_KEY not in logged
 
 
-def test_own_extras_are_not_sent_as_headers(scripted, monkeypatch):
-    set_connection(monkeypatch, scripted.url, max_requests_per_second=5)
-    scripted.script(Answer(200, prediction()))
-    get("sync")
+@pytest.mark.parametrize("mode", [*MODES, "trigger"])
+def test_no_connection_extra_is_sent_as_a_header(scripted, monkeypatch, mode):
+    # The extras are settings, never headers, whatever their names: a note for the team (or anything an
+    # admin types into the form) must not reach CometAPI.
+    extras = {"team_note": "billing is Ana's", "X-Debug": "1", "timeout": 3, "max_requests_per_second": 5}
+    set_connection(monkeypatch, scripted.url, **extras)
+    scripted.script(Answer(200, prediction(status="succeeded", output=["https://x.example/a.png"])))
+    if mode == "trigger":
+        from airflow_comet.triggers.prediction import PredictionTrigger
+        from tests.test_trigger import events
+
+        [event] = asyncio.run(events(PredictionTrigger("p1"), limit=20))
+        assert event["status"] == "succeeded"
+    else:
+        get(mode)
     sent = {k.lower() for k in scripted.seen[0].headers}
-    assert not sent & {"read_timeout", "max_retries", "retry_backoff", "max_requests_per_second"}
+    own = {"connect_timeout", "read_timeout", "max_retries", "retry_backoff", "max_requests_per_second"}
+    assert not sent & {*own, *(k.lower() for k in extras)}
+    assert sent >= {"authorization", "user-agent", "accept"}
+
+
+@pytest.mark.parametrize("name", ["run", "run_with_advanced_retry", "run_and_check", "url_from_endpoint"])
+def test_there_is_no_request_path_around_auth_retries_and_the_redirect_guard(name):
+    # HttpHook's request methods would send without the Bearer key, the retry policy and allow_redirects=False.
+    assert not hasattr(CometAPIHook(), name)
 
 
 def test_test_connection_accepts_a_json_404_and_rejects_401_and_html(scripted):

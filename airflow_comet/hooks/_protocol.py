@@ -41,6 +41,9 @@ _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$
 # Prediction ids are short alphanumeric tokens; anything else could change the path we send the key to.
 _PREDICTION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _ERROR_TEXT_LIMIT = 300
+# Retry-After's delay-seconds (RFC 9110: 1*DIGIT), a decimal fraction tolerated. ASCII digits only: float()
+# would also take "nan", "inf", "-5", "1e3" and "1_0".
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 
 
 def validate_model(model: Any) -> str:
@@ -194,19 +197,27 @@ def _allowed_output_hosts(conn_id: str, extras: Mapping[str, Any]) -> tuple[str,
 
 
 def parse_retry_after(value: str | None, cap: float, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped at ``cap``."""
+    """Seconds to wait from a ``Retry-After`` header, capped at ``cap``; ``None`` to ignore it.
+
+    The one reading of the header for every path (worker, triggerer, output downloads). Only what RFC 9110
+    allows counts: a number of seconds (digits, a decimal fraction tolerated) or an HTTP date, a past one
+    meaning now. Anything else (``nan``, ``inf``, ``-5``, words) is ignored, so the retry policy's own
+    backoff applies: ``nan`` reached ``time.sleep`` as a ValueError, ``inf`` a wait of ``cap``.
+    """
     if not value:
         return None
     value = value.strip()
-    try:
+    if _DELAY_SECONDS.fullmatch(value):
         seconds = float(value)
-    except ValueError:
+    else:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when is None:
             return None
+        if when.tzinfo is None:  # "-0000": HTTP dates are GMT, never the worker's local time
+            when = when.replace(tzinfo=timezone.utc)
         seconds = when.timestamp() - (time.time() if now is None else now)
     return min(max(seconds, 0.0), cap)
 

@@ -8,6 +8,12 @@ largest part of a trigger's start-up (benchmarks/RESULTS.md). Concurrent lookups
 one request, and its answer serves new hooks for :data:`SETTINGS_TTL` seconds, so an edited connection (a
 rotated key) reaches new triggers and status checks within that time. A failed lookup is never kept.
 
+A 401 has the connection looked up again sooner (:func:`settings_refused`), but only when that can help:
+when the key kept is the one refused, and not again for :data:`RELOOKUP_AFTER_REFUSAL` seconds after a 401
+with that key did. A revoked key with N triggers waiting would otherwise cost a lookup per 401 (to the API
+server or a secrets backend), and during a rotation the late 401s of checks sent with the old key would
+throw the new one away.
+
 Kept per (event loop, connection id), like the request budget and the shared pool: nothing outlives the
 loop it was made in.
 """
@@ -15,6 +21,7 @@ loop it was made in.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -22,19 +29,30 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from airflow_comet.hooks._protocol import ConnectionSettings
 
-__all__ = ["SETTINGS_TTL", "cached_settings", "forget_settings", "settings_expire_at"]
+__all__ = ["RELOOKUP_AFTER_REFUSAL", "SETTINGS_TTL", "cached_settings", "settings_expire_at", "settings_refused"]
 
 #: Seconds a looked-up connection serves new hooks before it is looked up again.
 SETTINGS_TTL = 30.0
+#: Seconds after a 401 had the connection looked up again during which 401s with the same key do not.
+RELOOKUP_AFTER_REFUSAL = 5.0
 
 
 class _Entry:
-    __slots__ = ("expires", "loop", "task")
+    __slots__ = ("expires", "loop", "refused", "task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, expires: float, task: asyncio.Future[ConnectionSettings]):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        expires: float,
+        task: asyncio.Future[ConnectionSettings],
+        refused: tuple[bytes, float] | None = None,
+    ):
         self.loop = weakref.ref(loop)
         self.expires = expires
         self.task = task
+        #: Digest of the key whose 401 last had the connection looked up again, and when (loop time);
+        #: handed on to the entry of that lookup.
+        self.refused = refused
 
 
 _entries: dict[tuple[int, str], _Entry] = {}
@@ -50,7 +68,8 @@ async def cached_settings(
     entry = _entries.get(key)
     if entry is None or entry.loop() is not loop or now >= entry.expires:
         _forget_dead_loops()
-        entry = _Entry(loop, now + SETTINGS_TTL, asyncio.ensure_future(load()))
+        refused = entry.refused if entry is not None and entry.loop() is loop else None
+        entry = _Entry(loop, now + SETTINGS_TTL, asyncio.ensure_future(load()), refused)
         _entries[key] = entry
     try:
         # Shielded: one caller being cancelled (its trigger stopped) must not cancel the lookup the others
@@ -69,9 +88,28 @@ def settings_expire_at(conn_id: str) -> float:
     return entry.expires if entry is not None and entry.loop() is loop else loop.time()
 
 
-def forget_settings(conn_id: str) -> None:
-    """Drop what is kept for ``conn_id`` in the running loop (the next hook looks the connection up)."""
-    _entries.pop((id(asyncio.get_running_loop()), conn_id), None)
+def settings_refused(conn_id: str, api_key: str) -> bool:
+    """A request of ``conn_id`` sent with ``api_key`` got a 401: have the next hook in the running loop look
+    the connection up again (its key may have been changed), if that can help. Returns whether it will.
+
+    It will not when the settings kept hold another key (a request sent with the old one before a rotation
+    answering late), when a lookup is already on its way or nothing is kept (the next hook looks it up
+    anyway), or when a 401 with this key had it looked up less than :data:`RELOOKUP_AFTER_REFUSAL` s ago.
+    """
+    loop = asyncio.get_running_loop()
+    entry = _entries.get((id(loop), conn_id))
+    if entry is None or entry.loop() is not loop:
+        return False
+    task = entry.task
+    if not task.done() or task.cancelled() or task.exception() is not None or task.result().api_key != api_key:
+        return False
+    now = loop.time()
+    digest = hashlib.sha256(api_key.encode()).digest()  # not a second copy of the key
+    if entry.refused is not None and entry.refused[0] == digest and now - entry.refused[1] < RELOOKUP_AFTER_REFUSAL:
+        return False
+    entry.expires = now  # expired, not dropped: the entry of the next lookup takes ``refused`` over
+    entry.refused = (digest, now)
+    return True
 
 
 def _forget_dead_loops() -> None:

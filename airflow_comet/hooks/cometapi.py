@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 import urllib3
-from airflow.providers.http.hooks.http import HttpHook
+from airflow.providers.common.compat.sdk import BaseHook
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a dependency of providers-http
 
 from airflow_comet import __version__
@@ -38,21 +38,11 @@ from airflow_comet.hooks._masking import mask
 from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
 from airflow_comet.hooks._ratelimit import RequestBudget, release_pool, request_budget, shared_pool
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
-from airflow_comet.hooks._settings_cache import cached_settings, forget_settings
+from airflow_comet.hooks._settings_cache import cached_settings, settings_refused
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"airflow-comet/{__version__}"
-#: Connection extras this hook reads itself; HttpHook would otherwise send them as HTTP headers.
-OWN_EXTRAS = (
-    "connect_timeout",
-    "read_timeout",
-    "max_retries",
-    "max_retry_wait",
-    "retry_backoff",
-    "max_requests_per_second",
-    "allowed_output_hosts",
-)
 #: urllib3's words for a proxy that answered CONNECT with 407 (the rest of its message names paths and ports).
 _PROXY_407 = re.compile(r"Tunnel connection failed: 407\b")
 #: Extra seconds of read timeout on top of a ``Prefer: wait`` hold, so the hold itself never times out.
@@ -73,7 +63,7 @@ class BearerAuth(requests.auth.AuthBase):
         return "BearerAuth(***)"
 
 
-class CometAPIHook(HttpHook):
+class CometAPIHook(BaseHook):
     """
     Talk to CometAPI's Replicate-format prediction API.
 
@@ -85,6 +75,10 @@ class CometAPIHook(HttpHook):
 
     Every URL is built from the connection's host: ``urls.*`` in CometAPI's answers point at another
     company's hosts and are never followed, so the key is only ever sent to the connection's host.
+
+    A plain ``BaseHook`` with its own ``requests`` session, not an ``HttpHook``: that one sends every
+    connection extra it does not know as an HTTP header, and its ``run`` methods would send without the
+    key, the retry policy and the refusal of redirects. Extras here are settings, never headers.
 
     :param cometapi_conn_id: The Airflow connection id.
     :param retry_policy: Overrides the retry settings read from the connection.
@@ -99,10 +93,9 @@ class CometAPIHook(HttpHook):
     def __init__(
         self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
     ) -> None:
-        # No requests adapter yet: HttpHook builds one per hook (a pool manager, a lock, ~12 objects the
-        # garbage collector walks), and a trigger, which only uses the async transport, would carry it for
-        # nothing. get_conn() builds it for the sync session.
-        super().__init__(method="GET", http_conn_id=cometapi_conn_id, tcp_keep_alive=False)
+        # No requests session yet (a pool manager, a lock, ~12 objects the garbage collector walks): a
+        # trigger, which only uses the async transport, would carry it for nothing. See ``session``.
+        super().__init__()
         self.cometapi_conn_id = cometapi_conn_id
         self._retry_policy = retry_policy
         self._settings: ConnectionSettings | None = None
@@ -150,9 +143,10 @@ class CometAPIHook(HttpHook):
         extras = await get_async_extra_dejson(conn)
         return ConnectionSettings.from_connection(conn, extras)
 
-    async def _aforget_settings(self) -> None:
-        """Look the connection up again on the next request (its key may have been changed meanwhile)."""
-        forget_settings(self.cometapi_conn_id)
+    async def _aforget_settings(self, refused: ConnectionSettings) -> None:
+        """After a 401 to ``refused``'s key: take the settings afresh on the next request (the key may have
+        been changed meanwhile; the cache decides whether to look the connection up again for it)."""
+        settings_refused(self.cometapi_conn_id, refused.api_key)
         self._settings = None
         await self.aclose()  # the shared pool carries the old key
 
@@ -163,21 +157,22 @@ class CometAPIHook(HttpHook):
             max_retry_wait=settings.max_retry_wait,
         )
 
-    # -- sync transport (requests, through HttpHook's session set-up) ------------------------------------
+    # -- sync transport (requests) ------------------------------------------------------------------------
 
-    def get_conn(self, *args: Any, **kwargs: Any) -> requests.Session:
-        """HttpHook's requests session, with its TCP keep-alive adapter (built here, on first sync use)."""
-        if self.keep_alive_adapter is None and getattr(self, "adapter", None) is None:
-            self.keep_alive_adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30)  # HttpHook's defaults
-        return super().get_conn(*args, **kwargs)
+    def get_conn(self) -> requests.Session:
+        """The hook's requests session (:attr:`session`)."""
+        return self.session
 
     @cached_property
     def session(self) -> requests.Session:
-        """One keep-alive session for the hook's lifetime (HttpHook builds a new one per ``run()``)."""
+        """One keep-alive session for the hook's lifetime, built on first sync use."""
         settings = self.settings
-        session = self.get_conn()
-        for key in OWN_EXTRAS:
-            session.headers.pop(key, None)
+        session = requests.Session()
+        # TCP keep-alive probes (HttpHook's settings): a long Prefer: wait hold is not dropped as idle by a
+        # NAT or firewall on the way.
+        adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
         session.auth = BearerAuth(settings.api_key)
         session.headers["User-Agent"] = USER_AGENT
         session.headers["Accept"] = "application/json"
@@ -359,7 +354,7 @@ class CometAPIHook(HttpHook):
             return self._parse(settings, method, path, response.status, response.headers, response.body)
         except CometAPIAuthError:
             # A key rotated in the connection while triggers run: the next poll picks the new one up.
-            await self._aforget_settings()
+            await self._aforget_settings(settings)
             raise
         except CometAPIResponseError as e:
             if e.status_code == 429 and e.retry_after:

@@ -82,7 +82,7 @@ class PredictionWaitMixin:
 
     # -- waiting ----------------------------------------------------------------------------------------
 
-    def _poller(self, prediction: dict[str, Any], end_time: float | None) -> PredictionPoller:
+    def _worker_poller(self, prediction: dict[str, Any], end_time: float | None) -> PredictionPoller:
         return PredictionPoller(
             prediction_id=prediction["id"],
             started_at=created_epoch(prediction),
@@ -92,7 +92,7 @@ class PredictionWaitMixin:
 
     def _wait_in_worker(self, prediction: dict[str, Any], end_time: float | None) -> dict[str, Any]:
         """Poll from the worker until the prediction is done; returns the final event."""
-        poller = self._poller(prediction, end_time)
+        poller = self._worker_poller(prediction, end_time)
         outcome = poller.on_prediction(prediction, time.time())
         if outcome.event is None:
             # The create answer was the first status: the next check follows the schedule's first poll.

@@ -102,8 +102,8 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         # Check once before deferring: a prediction that is already done needs no trigger.
         prediction = self.hook.get_prediction(self.prediction_id)
         self._push_link(context, prediction)
-        poller = PredictionPoller(prediction_id=self.prediction_id, started_at=0.0)
-        outcome = poller.on_prediction(prediction, 0.0)
+        poller = PredictionPoller(prediction_id=self.prediction_id, started_at=time.time())
+        outcome = poller.on_prediction(prediction, time.time())
         if outcome.event is not None:
             return self._finish(outcome.event)
         end_time, is_task_timeout = self._deadline(context, float(self.timeout) if self.timeout else None)
@@ -118,7 +118,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         """One status check (poke and reschedule modes); transient errors only mean "not yet"."""
         validate_prediction_id(self.prediction_id)
         if self._poller is None:
-            self._poller = PredictionPoller(prediction_id=self.prediction_id, started_at=0.0)
+            self._poller = PredictionPoller(prediction_id=self.prediction_id, started_at=time.time())
         while True:
             strikes = self._poller.strikes
             outcome = self._check(context)
@@ -144,14 +144,14 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         try:
             prediction = self.hook.get_prediction(self.prediction_id)
         except CometAPIError as error:
-            outcome = self._poller.on_error(error, 0.0)
+            outcome = self._poller.on_error(error, time.time())
             if outcome.event is None:
                 self.log.warning("Status check of prediction %s failed (trying again): %s", self.prediction_id, error)
             return outcome
         if not self._link_pushed:
             self._push_link(context, prediction)
             self._link_pushed = True
-        outcome = self._poller.on_prediction(prediction, 0.0)
+        outcome = self._poller.on_prediction(prediction, time.time())
         if outcome.problem:
             self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         else:
