@@ -19,6 +19,7 @@ from airflow_comet.hooks._protocol import parse_retry_after
 from airflow_comet.hooks._ratelimit import request_budget
 from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks.cometapi import CometAPIHook
+from airflow_comet._address_guard import AddressPolicy
 from airflow_comet.outputs import download, plain_session, with_retries
 from airflow_comet.triggers.prediction import PredictionTrigger
 from tests.conftest import set_connection
@@ -131,7 +132,7 @@ def test_a_download_retries_after_its_own_backoff(value):
         )
         sink = io.BytesIO()
         done = with_retries(
-            lambda: download(plain_session(), f"{host.url}/out.png", lambda _ext: sink, accepted=("image/png",), max_bytes=1024),
+            lambda: download(plain_session(AddressPolicy(allow_loopback=True)), f"{host.url}/out.png", lambda _ext: sink, accepted=("image/png",), max_bytes=1024),
             policy=RetryPolicy(max_retries=2, backoff_base=0.05, max_retry_wait=MAX_RETRY_WAIT),
             logger=logging.getLogger(__name__),
             what="download",
