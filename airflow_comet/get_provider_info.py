@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_comet import __version__
+from airflow_comet import DOCS_URL, __version__
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -17,7 +17,7 @@ def get_provider_info() -> dict[str, Any]:
         "integrations": [
             {
                 "integration-name": "CometAPI",
-                "external-doc-url": "https://api.cometapi.com",
+                "external-doc-url": DOCS_URL,
                 "tags": ["ai"],
             }
         ],

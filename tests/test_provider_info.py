@@ -76,3 +76,27 @@ def test_an_empty_field_means_the_default(name):
     # The form saves a field left empty as "" (or null): that must not be read as a proxy, a CA path or a
     # flag.
     assert _settings({name: ""}) == _settings({}) == _settings({name: None})
+
+
+def test_the_connection_form_shows_every_extra_in_this_airflow():
+    """Airflow's own ProvidersManager builds the form: from conn-fields on 3.2+, from the hook's wtforms
+    fields on older versions (2.11 to 3.1); either way every CometAPI extra has its field."""
+    from airflow.providers_manager import ProvidersManager
+
+    widgets = ProvidersManager().connection_form_widgets
+    ours = {widget.field_name for widget in widgets.values() if widget.hook_class_name.rsplit(".", 1)[-1] == "CometAPIHook"}
+    assert ours == set(_connection_type()["conn-fields"])
+
+
+def test_the_older_forms_fields_follow_the_schema_types():
+    pytest.importorskip("wtforms", reason="only Airflow < 3.2's webserver builds forms with wtforms")
+    pytest.importorskip("flask_appbuilder", reason="only Airflow < 3.2's webserver builds forms with wtforms")
+    from wtforms import BooleanField, IntegerField, StringField
+
+    from airflow_comet.hooks.cometapi import CometAPIHook
+
+    widgets = CometAPIHook.get_connection_form_widgets()
+    assert set(widgets) == set(_connection_type()["conn-fields"])
+    assert widgets["trust_env"].field_class is BooleanField
+    assert widgets["max_retries"].field_class is IntegerField
+    assert widgets["read_timeout"].field_class is StringField  # a float; the hook parses and checks it

@@ -106,6 +106,15 @@ class CometAPIHook(BaseHook):
     # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
 
     @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The CometAPI extras as form fields, for Airflow 2.11 to 3.1 (3.2+ reads the provider info's)."""
+        from airflow_comet.get_provider_info import get_provider_info
+        from airflow_comet.hooks._form import connection_form_widgets
+
+        (conn_type,) = get_provider_info()["connection-types"]
+        return connection_form_widgets(conn_type["conn-fields"])
+
+    @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Relabel the connection form: the key is the password, the host is the API base URL."""
         # The hook method takes snake_case keys (Airflow 2 validates them); provider info takes kebab-case.
