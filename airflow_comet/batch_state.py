@@ -139,6 +139,16 @@ class BatchState:
             [index, status, prediction.get("id"), prediction.get("model"), error, metrics.get("predict_time"), attempts, kept]
         )
 
+    def progress_due(self, now: float) -> str | None:
+        """The progress line when one is due (every 30 s and every tenth of the batch, and at the end)."""
+        reporter = ProgressLog(self.total, last_at=self.logged_at, last_step=self.logged_step)
+        if not (reporter.due(len(self.done), now) or self.finished):
+            return None
+        self.logged_at, self.logged_step = reporter.last_at, reporter.last_step
+        succeeded = self.succeeded
+        return progress_line(self.total, succeeded, len(self.done) - succeeded, len(self.running),
+                             0 if self.halted else self.waiting, now - self.started_at)
+
     def halt(self, reason: str) -> None:
         if self.halted is None:
             self.halted = reason

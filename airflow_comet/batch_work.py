@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_comet import resume
 from airflow_comet.exceptions import (
@@ -31,7 +31,10 @@ from airflow_comet.operators.persist import output_urls, persist_outputs
 from airflow_comet.outputs import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, accepted_content_types
 from airflow_comet.validation import validate_input
 
-__all__ = ["Created", "cancel_all", "create_items", "persist_items"]
+if TYPE_CHECKING:
+    from airflow_comet.batch_state import BatchState
+
+__all__ = ["Created", "cancel_all", "create_items", "persist_items", "settle"]
 
 #: Output files downloaded at once (each item's files one after the other).
 DOWNLOADS_AT_ONCE = 8
@@ -39,6 +42,8 @@ DOWNLOADS_AT_ONCE = 8
 DOWNLOAD_POLICY = RetryPolicy(max_retries=4, backoff_base=1.0)
 #: Fingerprint characters kept per item in the task state store (collisions need a changed input anyway).
 FINGERPRINT_CHARS = 16
+#: The statuses after which an item is created again while it has ``item_retries`` left.
+_RETRIED = frozenset({"failed", "error"})
 #: Create errors that no other item can escape either: the batch stops creating.
 _FATAL = (CometAPIAuthError, CometAPIConfigError, CometAPINotJSONError, CometAPINotFoundError)
 
@@ -180,3 +185,63 @@ def cancel_all(hook: CometAPIHook, prediction_ids: Sequence[str], *, log: Any) -
 def created_at(prediction: Mapping[str, Any]) -> float:
     """When a prediction was created, as epoch seconds (drives its poll schedule)."""
     return created_epoch(dict(prediction))
+
+
+def settle(
+    state: BatchState,
+    outcomes: Sequence[tuple[int, int, Mapping[str, Any]]],
+    inputs: Sequence[Mapping[str, Any]],
+    folder: Any,
+    *,
+    item_retries: int,
+    cancel: Callable[[list[str]], dict[str, bool | None]] | None,
+    log: Any,
+) -> None:
+    """Record how items ended (``(index, attempts, event)``): persist the succeeded into ``folder`` (if any),
+    queue failed or lost ones again while ``item_retries`` last, ``cancel`` those that ran past the deadline
+    (``None``: leave them running)."""
+    to_persist, to_cancel = [], []
+    for index, attempts, event in outcomes:
+        status = event.get("status")
+        prediction = event.get("prediction") or ({"id": event["prediction_id"]} if event.get("prediction_id") else None)
+        if status == "succeeded":
+            if folder is None:
+                state.finish(index, "succeeded", prediction, attempts)
+            else:
+                to_persist.append((index, attempts, prediction))
+        elif status == "timeout":
+            to_cancel.append((index, attempts, prediction, event.get("message")))
+        elif status in _RETRIED and event.get("retry", True) and attempts <= item_retries and not state.halted:
+            log.warning("Item #%d: %s; creating it again (attempt %d of %d)", index, event.get("message"), attempts + 1,
+                        item_retries + 1)
+            state.queue.append([index, attempts])
+        else:
+            # The prediction's own status when it ended (aborted stays aborted), else how the wait ended.
+            own = (prediction or {}).get("status")
+            row_status = own if status in ("failed", "canceled") and own in ("failed", "canceled", "aborted") else status
+            error = (prediction or {}).get("error") or event.get("message")
+            log.warning("Item #%d ended %s: %s", index, row_status, error)
+            state.finish(index, str(row_status or "error"), prediction, attempts, error=str(error) if error else None)
+
+    results = persist_items([(i, p, inputs[i]) for i, _, p in to_persist], folder, log=log)
+    for index, attempts, prediction in to_persist:
+        files = results[index]
+        if isinstance(files, Exception):
+            log.warning("Item #%d: saving the outputs of prediction %s failed: %s", index, prediction["id"], files)
+            state.finish(index, "error", prediction, attempts,
+                         error=f"the prediction succeeded but saving its outputs failed: {files}")
+        else:
+            state.finish(index, "succeeded", prediction, attempts, files=files)
+
+    if to_cancel:
+        state.timed_out = True
+        state.halt("the batch's deadline passed before it was created")
+        cancelled = cancel([p["id"] for _, _, p, _ in to_cancel]) if cancel is not None else {}
+        for index, attempts, prediction, message in to_cancel:
+            if cancel is None:
+                what = "It was left running (cancel_on_kill=False)."
+            elif cancelled.get(prediction["id"]):
+                what = "It was cancelled."
+            else:
+                what = "It could not be cancelled and may still be running."
+            state.finish(index, "timeout", prediction, attempts, error=f"{message} {what}")

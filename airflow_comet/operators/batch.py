@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException, AirflowTaskTimeout, BaseOperator, conf
 
 from airflow_comet.batch_inputs import check_static_inputs, inputs_digest, load_inputs
-from airflow_comet.batch_state import BatchState, ProgressLog, progress_line, slim_prediction
-from airflow_comet.batch_work import cancel_all, create_items, created_at, persist_items
+from airflow_comet.batch_state import BatchState, slim_prediction
+from airflow_comet.batch_work import cancel_all, create_items, created_at, settle
 from airflow_comet.exceptions import PredictionFailedError
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.manifest import raise_for_failures, summary, write_manifest
@@ -39,8 +39,6 @@ REFILL_HOLD = 30.0
 OUTPUTS_HOLD = 15 * 60.0
 #: XCom key of the running predictions' ``[index, id]``, pushed before deferring (see ``pre_execute``).
 XCOM_RUNNING = "batch_running"
-#: The statuses after which an item is created again while it has ``item_retries`` left.
-_RETRIED = frozenset({"failed", "error"})
 
 
 class PredictionBatchOperator(BaseOperator):
@@ -215,7 +213,10 @@ class PredictionBatchOperator(BaseOperator):
         self._async_hook = CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
         try:
             while True:
-                self._settle(state, inputs, outcomes, folder)
+                settle(
+                    state, outcomes, inputs, folder, item_retries=self.item_retries, log=self.log,
+                    cancel=(lambda ids: cancel_all(self.hook, ids, log=self.log)) if self.cancel_on_kill else None,
+                )
                 if state.end_time is not None and time.time() >= state.end_time and state.waiting:
                     state.timed_out = True
                     state.halt("the batch's deadline passed before it was created")
@@ -224,7 +225,9 @@ class PredictionBatchOperator(BaseOperator):
                     outcomes = loop.run_until_complete(self._fill(state, model, inputs, ledger, earlier))
                     if outcomes:
                         continue
-                self._log_progress(state)
+                line = state.progress_due(time.time())
+                if line:
+                    self.log.info(line)
                 if state.finished:
                     break
                 if self.deferrable:
@@ -323,51 +326,6 @@ class PredictionBatchOperator(BaseOperator):
             ended = {int(index): item for index, item in event.get("ended") or []}
         return [(index, state.stop(index)[2], item) for index, item in sorted(ended.items())]
 
-    def _settle(
-        self, state: BatchState, inputs: list[dict[str, Any]], outcomes: list[tuple[int, int, dict[str, Any]]], folder: Any
-    ) -> None:
-        """Record how items ended: persist the succeeded, queue the retries, cancel the timed out."""
-        to_persist, to_cancel = [], []
-        for index, attempts, event in outcomes:
-            status = event.get("status")
-            prediction = event.get("prediction") or ({"id": event["prediction_id"]} if event.get("prediction_id") else None)
-            if status == "succeeded":
-                if folder is None:
-                    state.finish(index, "succeeded", prediction, attempts)
-                else:
-                    to_persist.append((index, attempts, prediction))
-            elif status == "timeout":
-                to_cancel.append((index, attempts, prediction, event.get("message")))
-            elif status in _RETRIED and event.get("retry", True) and attempts <= self.item_retries and not state.halted:
-                self.log.warning("Item #%d: %s; creating it again (attempt %d of %d)", index, event.get("message"),
-                                 attempts + 1, self.item_retries + 1)
-                state.queue.append([index, attempts])
-            else:
-                own = (prediction or {}).get("status")
-                row_status = own if status in ("failed", "canceled") and own in ("failed", "canceled", "aborted") else status
-                error = (prediction or {}).get("error") or event.get("message")
-                self.log.warning("Item #%d ended %s: %s", index, row_status, error)
-                state.finish(index, str(row_status or "error"), prediction, attempts, error=str(error) if error else None)
-        if to_persist:
-            results = persist_items([(i, p, inputs[i]) for i, _, p in to_persist], folder, log=self.log)
-            for index, attempts, prediction in to_persist:
-                files = results[index]
-                if isinstance(files, Exception):
-                    self.log.warning("Item #%d: saving the outputs of prediction %s failed: %s", index, prediction["id"], files)
-                    state.finish(index, "error", prediction, attempts,
-                                 error=f"the prediction succeeded but saving its outputs failed: {files}")
-                else:
-                    state.finish(index, "succeeded", prediction, attempts, files=files)
-        if to_cancel:
-            state.timed_out = True
-            state.halt("the batch's deadline passed before it was created")
-            cancelled = cancel_all(self.hook, [p["id"] for _, _, p, _ in to_cancel], log=self.log) if self.cancel_on_kill else {}
-            for index, attempts, prediction, message in to_cancel:
-                done = cancelled.get(prediction["id"])
-                what = "It was cancelled." if done else ("It was left running (cancel_on_kill=False)." if not self.cancel_on_kill
-                                                          else "It could not be cancelled and may still be running.")
-                state.finish(index, "timeout", prediction, attempts, error=f"{message} {what}")
-
     def _finish(self, context: Context, state: BatchState, inputs: list[dict[str, Any]], folder: Any) -> list[dict[str, Any]]:
         rows = state.rows(inputs, folder)
         where = ""
@@ -388,17 +346,6 @@ class PredictionBatchOperator(BaseOperator):
             context["ti"].xcom_push(key="return_value", value=rows)
             raise
         return rows
-
-    def _log_progress(self, state: BatchState) -> None:
-        now = time.time()
-        reporter = ProgressLog(state.total, last_at=state.logged_at, last_step=state.logged_step)
-        if reporter.due(len(state.done), now) or state.finished:
-            state.logged_at, state.logged_step = reporter.last_at, reporter.last_step
-            succeeded = state.succeeded
-            self.log.info(
-                progress_line(state.total, succeeded, len(state.done) - succeeded, len(state.running),
-                              0 if state.halted else state.waiting, now - state.started_at)
-            )
 
 
 def _check_whole(name: str, value: Any, minimum: int) -> None:
