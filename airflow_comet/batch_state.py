@@ -36,8 +36,9 @@ class BatchState:
 
     ``running`` rows are ``[index, prediction_id, created_epoch, attempts]``; ``queue`` rows are ``[index,
     attempts]`` (items to create again after a failed attempt, before new ones); ``done`` rows are ``[index,
-    status, prediction_id, model, error, predict_time, attempts, files]`` with files ``[name, size, sha256,
-    content_type]``. Items from ``next`` on were never tried.
+    status, prediction_id, error, predict_time, attempts, files]`` with files ``[extension, size, sha256,
+    content_type]`` (a file's name is ``<prediction id>-<position>.<extension>``, as persist_outputs writes
+    it). Items from ``next`` on were never tried. About 170 bytes of JSON per finished item.
     """
 
     total: int
@@ -132,12 +133,10 @@ class BatchState:
         prediction = prediction or {}
         metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), Mapping) else {}
         kept = [
-            [str(f["path"]).rsplit("/", 1)[-1], f["size"], f["sha256"], f["content_type"]]
+            [str(f["path"]).rsplit(".", 1)[-1], f["size"], f["sha256"], f["content_type"]]
             for f in sorted(files, key=lambda record: record.get("index", 0))
         ]
-        self.done.append(
-            [index, status, prediction.get("id"), prediction.get("model"), error, metrics.get("predict_time"), attempts, kept]
-        )
+        self.done.append([index, status, prediction.get("id"), error, metrics.get("predict_time"), attempts, kept])
 
     def progress_due(self, now: float) -> str | None:
         """The progress line when one is due (every 30 s and every tenth of the batch, and at the end)."""
@@ -155,8 +154,8 @@ class BatchState:
 
     # -- the result ------------------------------------------------------------------------------------
 
-    def rows(self, inputs: Sequence[Any], folder: Any = None) -> list[dict[str, Any]]:
-        """One manifest row per input, in input order (``folder``: where the files' names live)."""
+    def rows(self, inputs: Sequence[Any], model: str, folder: Any = None) -> list[dict[str, Any]]:
+        """One manifest row per input, in input order (``folder``: where the files were written)."""
         by_index = {int(row[0]): row for row in self.done}
         rows = []
         for index, model_input in enumerate(inputs):
@@ -165,12 +164,17 @@ class BatchState:
                 reason = self.halted or "it was never created"
                 rows.append(outcome_row(index, model_input, None, error=f"not run: {reason}", attempts=0))
                 continue
-            _, status, prediction_id, model, error, predict_time, attempts, kept = done
-            prediction = {"id": prediction_id, "model": model, "status": status, "metrics": {"predict_time": predict_time}}
+            _, status, prediction_id, error, predict_time, attempts, kept = done
+            prediction = {
+                "id": prediction_id,
+                "model": model if prediction_id else None,
+                "status": status,
+                "metrics": {"predict_time": predict_time},
+            }
             files = [
-                {"path": str(folder / name) if folder is not None else name, "size": size, "sha256": sha256,
+                {"path": str(folder / f"{prediction_id}-{position}.{extension}"), "size": size, "sha256": sha256,
                  "content_type": content_type, "index": position}
-                for position, (name, size, sha256, content_type) in enumerate(kept)
+                for position, (extension, size, sha256, content_type) in enumerate(kept)
             ]
             rows.append(outcome_row(index, model_input, prediction, files, error=error, attempts=attempts))
         return rows

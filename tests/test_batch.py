@@ -429,3 +429,61 @@ def test_a_wrong_key_stops_the_batch_at_the_first_creates(sim, monkeypatch):
     assert [row["status"] for row in rows[:4]] == ["error"] * 4 and "key" in rows[0]["error"]
     assert {row["status"] for row in rows[4:]} == {"missing"}
     assert API_KEY not in json.dumps(rows) and "sk-wrong" not in json.dumps(rows)
+
+
+# -- the ids kept for retries ---------------------------------------------------------------------------------
+
+
+class DictStore:
+    """The task state store's interface (get/set of JSON values), kept in a dict; counts the writes."""
+
+    def __init__(self, data=None):
+        self.data = dict(data or {})
+        self.writes = 0
+
+    def get(self, key, default=None):
+        return json.loads(json.dumps(self.data[key])) if key in self.data else default
+
+    def set(self, key, value):
+        self.writes += 1
+        self.data[key] = json.loads(json.dumps(value))
+
+
+def test_the_ledger_keeps_every_items_id_across_chunks_and_runs():
+    from airflow_comet.resume import BATCH_CHUNK, BatchLedger
+
+    store = DictStore()
+    first = BatchLedger({"task_state_store": store})
+    for index in (0, 1, BATCH_CHUNK + 5):
+        assert first.record(index, f"id{index}", f"fp{index}")
+    # A later run of the task (after a deferral) records into the same chunk without dropping the others.
+    assert BatchLedger({"task_state_store": store}).record(2, "id2", "fp2")
+    assert BatchLedger({"task_state_store": store}).recall(BATCH_CHUNK + 10) == {
+        0: ("id0", "fp0"), 1: ("id1", "fp1"), 2: ("id2", "fp2"), BATCH_CHUNK + 5: (f"id{BATCH_CHUNK + 5}", f"fp{BATCH_CHUNK + 5}"),
+    }
+    assert sorted(store.data) == ["cometapi_batch.0", "cometapi_batch.1"]
+    assert not BatchLedger({}).supported and BatchLedger({}).recall(5) == {} and not BatchLedger({}).record(0, "x", "y")
+
+
+async def test_an_earlier_id_is_reused_only_for_the_same_input(sim):
+    from airflow_comet.batch_work import FINGERPRINT_CHARS, create_items
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger, fingerprint
+
+    sim.set_faults(Faults(durations=60))
+    earlier_id = CometAPIHook().create_prediction(FLUX, {"prompt": "same"})["id"]
+    same = fingerprint("cometapi_default", FLUX, {"prompt": "same"})[:FINGERPRINT_CHARS]
+    store = DictStore()
+    hook = CometAPIHook()
+    try:
+        created = await create_items(
+            hook, FLUX, [(0, 0, {"prompt": "same"}), (1, 0, {"prompt": "changed"})],
+            ledger=BatchLedger({"task_state_store": store}), earlier={0: (earlier_id, same), 1: (earlier_id, same)},
+            log=__import__("logging").getLogger("test"),
+        )
+    finally:
+        await hook.aclose()
+    assert created[0].prediction["id"] == earlier_id  # resumed, not created
+    assert created[1].prediction["id"] != earlier_id  # its input changed: a new prediction
+    assert len(sim.creates()) == 2  # the earlier one and item 1's
+    assert store.data["cometapi_batch.0"]["1"][0] == created[1].prediction["id"]

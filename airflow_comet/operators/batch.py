@@ -244,7 +244,7 @@ class PredictionBatchOperator(BaseOperator):
         finally:
             loop.run_until_complete(self._close_loop())
             loop.close()
-        return self._finish(context, state, inputs, folder)
+        return self._finish(context, state, model, inputs, folder)
 
     async def _fill(
         self,
@@ -326,8 +326,10 @@ class PredictionBatchOperator(BaseOperator):
             ended = {int(index): item for index, item in event.get("ended") or []}
         return [(index, state.stop(index)[2], item) for index, item in sorted(ended.items())]
 
-    def _finish(self, context: Context, state: BatchState, inputs: list[dict[str, Any]], folder: Any) -> list[dict[str, Any]]:
-        rows = state.rows(inputs, folder)
+    def _finish(
+        self, context: Context, state: BatchState, model: str, inputs: list[dict[str, Any]], folder: Any
+    ) -> list[dict[str, Any]]:
+        rows = state.rows(inputs, model, folder)
         where = ""
         if folder is not None:
             where = write_manifest(folder, rows)
