@@ -25,12 +25,19 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "CometAPI",
-                "python-modules": ["airflow_comet.operators.prediction", "airflow_comet.operators.persist"],
+                "python-modules": [
+                    "airflow_comet.operators.prediction",
+                    "airflow_comet.operators.persist",
+                    "airflow_comet.operators.batch",
+                ],
             }
         ],
         "sensors": [{"integration-name": "CometAPI", "python-modules": ["airflow_comet.sensors.prediction"]}],
         "triggers": [
-            {"integration-name": "CometAPI", "python-modules": ["airflow_comet.triggers.prediction"]}
+            {
+                "integration-name": "CometAPI",
+                "python-modules": ["airflow_comet.triggers.prediction", "airflow_comet.triggers.batch"],
+            }
         ],
         "connection-types": [
             {

@@ -6,7 +6,9 @@ fail it (:func:`raise_for_failures`), so that one refused prompt never loses the
 
 A row: ``index`` (the prompt's position), ``input`` (large values elided), ``prediction_id``, ``model``,
 ``status`` (``succeeded``, ``failed``, ``canceled``, ``aborted``, or ``missing`` when no prediction
-reached the end of the pipeline), ``error``, ``predict_time`` and ``files`` (``path``, ``size``, ``sha256``,
+reached the end of the pipeline; ``PredictionBatchOperator`` adds ``error`` when the API refused the create,
+the wait lost the prediction or its files could not be saved, and ``timeout`` for one still running at the
+batch's deadline), ``error``, ``predict_time`` and ``files`` (``path``, ``size``, ``sha256``,
 ``content_type`` of each file persisted, in output order).
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from typing import Any
 
 from airflow_comet.hooks._protocol import iso_epoch
@@ -86,3 +87,67 @@ def why_not_resumable(prediction: dict[str, Any] | None, now: float) -> str | No
     if completed is None or now - completed > SUCCEEDED_RESUMABLE_FOR:
         return f"it succeeded over {SUCCEEDED_RESUMABLE_FOR / 60:.0f} minutes ago and its output URLs may have expired"
     return None
+
+
+#: A batch's ids are kept in chunks of this many items, one state-store key each (``cometapi_batch.<n>``): a
+#: write stays a few kilobytes whatever the batch's size, and a retry reads the whole batch in a few gets.
+BATCH_KEY = "cometapi_batch"
+BATCH_CHUNK = 64
+
+
+class BatchLedger:
+    """The prediction each item of a batch started, kept in the task state store as soon as it exists.
+
+    A chunk is read before its first write in a process, so a write never drops what an earlier run of the
+    task (before a deferral, or an earlier try) recorded. Thread-safe: creates finish concurrently.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._store = _store(context)
+        self._chunks: dict[int, dict[str, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def supported(self) -> bool:
+        return self._store is not None
+
+    def recall(self, total: int) -> dict[int, tuple[str, str]]:
+        """``index -> (prediction id, fingerprint)`` of every item an earlier try recorded."""
+        found: dict[int, tuple[str, str]] = {}
+        if self._store is None:
+            return found
+        with self._lock:
+            for chunk in range(-(-total // BATCH_CHUNK)):
+                for key, value in self._load(chunk).items():
+                    if key.isdigit() and isinstance(value, list) and len(value) == 2 and int(key) < total:
+                        found[int(key)] = (str(value[0]), str(value[1]))
+        return found
+
+    def record(self, index: int, prediction_id: str, digest: str) -> bool:
+        """Save item ``index``'s prediction id with its fingerprint; ``True`` when it was saved."""
+        if self._store is None:
+            return False
+        chunk = index // BATCH_CHUNK
+        with self._lock:
+            try:
+                entries = self._load(chunk)
+                entries[str(index)] = [prediction_id, digest]
+                self._store.set(f"{BATCH_KEY}.{chunk}", entries)
+            except Exception:  # noqa: BLE001 - the batch goes on; only a retry's reuse is lost
+                log.warning("Could not save prediction %s of item %d in the task state store", prediction_id, index,
+                            exc_info=True)
+                return False
+        return True
+
+    def _load(self, chunk: int) -> dict[str, list[str]]:
+        entries = self._chunks.get(chunk)
+        if entries is None:
+            try:
+                stored = self._store.get(f"{BATCH_KEY}.{chunk}")
+            except Exception:  # noqa: BLE001 - as recall(): never fail the task over it
+                log.warning("Could not read the task state store; earlier ids of this batch are not reused",
+                            exc_info=True)
+                stored = None
+            entries = dict(stored) if isinstance(stored, dict) else {}
+            self._chunks[chunk] = entries
+        return entries

@@ -29,6 +29,8 @@ from airflow_comet.validation import is_templated, validate_prediction_id
 
 if TYPE_CHECKING:
     import requests
+
+    from airflow_comet._address_guard import AddressPolicy
     from airflow.providers.common.compat.sdk import Context, ObjectStoragePath
 
 
@@ -140,23 +142,10 @@ class PersistPredictionOutputOperator(BaseOperator):
         self.log.info("Persisting %d output file(s) of prediction %s into %s", len(urls), prediction_id, folder)
 
         timeout = tuple(self.timeout) if isinstance(self.timeout, list) else self.timeout
-        files = []
-        # A session of its own, never the hook's: the CometAPI key must not reach the file host. It connects
-        # only to public addresses, plus the exceptions set on the CometAPI connection (docs/security.md).
-        with plain_session(address_policy_for(self.cometapi_conn_id, self.log)) as session:
-            for index, url in enumerate(urls):
-                one_file = functools.partial(
-                    self._persist_one, session, folder, prediction_id, index, url, accepted, timeout
-                )
-                record = with_retries(one_file, policy=policy, logger=self.log, what=f"download {display_url(url)}")
-                self.log.info(
-                    "Wrote %s (%d bytes, %s, sha256 %s)",
-                    record["path"],
-                    record["size"],
-                    record["content_type"],
-                    record["sha256"],
-                )
-                files.append(record)
+        files = persist_outputs(
+            prediction_id, urls, folder, accepted=accepted, max_bytes=self.max_bytes, timeout=timeout, policy=policy,
+            logger=self.log, addresses=address_policy_for(self.cometapi_conn_id, self.log),
+        )
         self._annotate_asset_events(context, prediction_id, files)
         self._lineage["outputs"] = [record["path"] for record in files]
         return files
@@ -166,30 +155,6 @@ class PersistPredictionOutputOperator(BaseOperator):
         from airflow_comet.lineage import prediction_lineage
 
         return prediction_lineage(**getattr(self, "_lineage", {"model": None, "prediction_ids": []}))
-
-    def _persist_one(
-        self,
-        session: requests.Session,
-        folder: ObjectStoragePath,
-        prediction_id: str,
-        index: int,
-        url: str,
-        accepted: tuple[str, ...],
-        timeout: Timeout,
-    ) -> dict[str, Any]:
-        """One attempt at one file: download aside, publish under its final name only if all went well."""
-        with StagedFile(folder, output_stem(prediction_id, index)) as staged:
-            got = download(session, url, staged.open, accepted=accepted, max_bytes=self.max_bytes, timeout=timeout)
-            path = staged.publish()
-        return {
-            "url": url,
-            "path": str(path),
-            "size": got.size,
-            "sha256": got.sha256,
-            "content_type": got.content_type,
-            "prediction_id": prediction_id,
-            "index": index,
-        }
 
     def _load_prediction(self) -> dict[str, Any]:
         value = self.prediction
@@ -227,6 +192,68 @@ class PersistPredictionOutputOperator(BaseOperator):
             outlet_events[asset].extra = extra
 
 
+def persist_outputs(
+    prediction_id: str,
+    urls: Sequence[str],
+    folder: ObjectStoragePath,
+    *,
+    accepted: tuple[str, ...],
+    max_bytes: int,
+    timeout: Timeout,
+    policy: RetryPolicy,
+    logger: Any,
+    addresses: AddressPolicy,
+) -> list[dict[str, Any]]:
+    """Download ``urls`` (a prediction's outputs, in order) into ``folder``; one record per file written.
+
+    Each file is retried under ``policy`` and published under ``<prediction id>-<index>.<ext>`` only once
+    it has fully arrived. Shared by :class:`PersistPredictionOutputOperator` and the batch operator.
+    """
+    files = []
+    # A session of its own, never the hook's: the CometAPI key must not reach the file host. It connects
+    # only to public addresses, plus the exceptions set on the CometAPI connection (docs/security.md).
+    with plain_session(addresses) as session:
+        for index, url in enumerate(urls):
+            one_file = functools.partial(
+                _persist_one, session, folder, prediction_id, index, url, accepted, timeout, max_bytes
+            )
+            record = with_retries(one_file, policy=policy, logger=logger, what=f"download {display_url(url)}")
+            logger.info(
+                "Wrote %s (%d bytes, %s, sha256 %s)",
+                record["path"],
+                record["size"],
+                record["content_type"],
+                record["sha256"],
+            )
+            files.append(record)
+    return files
+
+
+def _persist_one(
+    session: requests.Session,
+    folder: ObjectStoragePath,
+    prediction_id: str,
+    index: int,
+    url: str,
+    accepted: tuple[str, ...],
+    timeout: Timeout,
+    max_bytes: int,
+) -> dict[str, Any]:
+    """One attempt at one file: download aside, publish under its final name only if all went well."""
+    with StagedFile(folder, output_stem(prediction_id, index)) as staged:
+        got = download(session, url, staged.open, accepted=accepted, max_bytes=max_bytes, timeout=timeout)
+        path = staged.publish()
+    return {
+        "url": url,
+        "path": str(path),
+        "size": got.size,
+        "sha256": got.sha256,
+        "content_type": got.content_type,
+        "prediction_id": prediction_id,
+        "index": index,
+    }
+
+
 def output_urls(prediction: Mapping[str, Any]) -> list[str]:
     """The prediction's output URLs: ``output`` is a list of URLs, or a single URL string (some models)."""
     prediction_id = prediction.get("id")
@@ -259,4 +286,4 @@ def _check_timeout(timeout: Any) -> None:
         raise ValueError(f"timeout must be positive seconds or a (connect, read) pair, got {timeout!r}")
 
 
-__all__ = ["PersistPredictionOutputOperator", "output_urls"]
+__all__ = ["PersistPredictionOutputOperator", "output_urls", "persist_outputs"]

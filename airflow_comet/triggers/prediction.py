@@ -204,13 +204,13 @@ class PredictionTrigger(BaseTrigger):
                 _uncancel()
         if not work.done():
             work.cancel()
-            self.log.warning(
-                "Gave up cancelling prediction %s after %.0f s; it may still be running.",
-                self.prediction_id,
-                budget,
-            )
+            self.log.warning("Gave up cancelling %s after %.0f s; it may still be running.", self._cancelled_what(), budget)
             return
         work.result()  # its error, if any, is logged by the triggerer
+
+    def _cancelled_what(self) -> str:
+        """What ``on_kill`` cancels, for its log lines (a subclass may follow several predictions)."""
+        return f"prediction {self.prediction_id}"
 
     async def _cancel_if_stopped(self) -> None:
         state = await self._task_state()
