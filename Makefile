@@ -3,7 +3,7 @@
 #   make test               venv for Airflow $(AIRFLOW) (default 3.3) from the lock file, then pytest
 #   make test AIRFLOW=2.11  the same against Airflow 2.11
 #   make test-all           Airflow 2.11, then Airflow 3.3 (what CI runs)
-#   make demo               runs python -m airflow_comet.demo
+#   make demo               runs python -m airflow_comet.demo (the nightly batch example on the simulator)
 #   make lock               regenerates requirements/airflow-*.txt from requirements/airflow-*.in
 #   make clean              removes .venv/ and output/
 #

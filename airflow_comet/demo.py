@@ -1,9 +1,9 @@
-"""``make demo``: run the example image pipeline end to end and leave the images in ``./output/``.
+"""``make demo``: run the example nightly batch end to end and leave the images in ``./output/``.
 
 Without ``COMETAPI_KEY`` in the environment it starts the built-in CometAPI simulator on 127.0.0.1 and
 points the ``cometapi_default`` connection at it; with the key set it talks to the real CometAPI
-(``COMETAPI_HOST`` overrides the host). The DAG runs for real with ``dag.test()``: tasks, XCom, the
-deferred sensors' triggers, and the persist step writing into ``./output/``.
+(``COMETAPI_HOST`` overrides the host). The DAG (``comet_nightly_batch``) runs for real with ``dag.test()``:
+tasks, XCom, the batch's trigger, and its images and manifest written into ``./output/``.
 
 A newcomer sees one screen: the connection used, each task's progress as it happens, and where the images
 are. Airflow's own log records go to a file whose path is printed first.
@@ -15,6 +15,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -23,13 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-DAG_ID = "comet_image_pipeline"
+DAG_ID = "comet_nightly_batch"
 REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags_examples"
 PROMPTS = DAGS / "data" / "prompts.csv"
 MODEL = "black-forest-labs/flux-schnell"
 #: How often the progress lines are refreshed from the run's task instances.
 PROGRESS_EVERY = 1.0
+#: The batch operator's progress line in Airflow's log: ``3/4 succeeded, 0 failed, 1 running, 0 waiting``.
+_BATCH_PROGRESS = re.compile(rb"\d+/\d+ succeeded, \d+ failed, \d+ running, \d+ waiting[^\n\"\[]*")
 
 
 @contextlib.contextmanager
@@ -76,12 +79,14 @@ def _output_to(log_path: Path) -> Iterator[TextIO]:
 class _Progress(threading.Thread):
     """Prints a line whenever a task's states change: ``create  2 success, 2 running``."""
 
-    def __init__(self, out: TextIO, dag_id: str, started: float) -> None:
+    def __init__(self, out: TextIO, dag_id: str, started: float, log_path: Path) -> None:
         super().__init__(daemon=True, name="demo-progress")
         self.out = out
         self.dag_id = dag_id
         self.started = started
         self.seen: dict[str, str] = {}
+        self.log_path = log_path
+        self.log_offset = log_path.stat().st_size if log_path.exists() else 0
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -102,7 +107,22 @@ class _Progress(threading.Thread):
             text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
             if self.seen.get(task_id) != text:
                 self.seen[task_id] = text
-                self.out.write(f"  [{time.monotonic() - self.started:5.1f} s] {task_id:<13} {text}\n")
+                self.say(task_id, text)
+        self.report_batch()
+
+    def report_batch(self) -> None:
+        """The batch's own progress line, the newest one logged since the last look."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_offset)
+            new = log.read()
+        self.log_offset += len(new)
+        lines = _BATCH_PROGRESS.findall(new)
+        if lines and lines[-1].decode().strip() != self.seen.get("batch progress"):
+            self.seen["batch progress"] = lines[-1].decode().strip()
+            self.say("  predictions", self.seen["batch progress"])
+
+    def say(self, what: str, text: str) -> None:
+        self.out.write(f"  [{time.monotonic() - self.started:5.1f} s] {what:<13} {text}\n")
 
 
 def _task_states(dag_id: str) -> dict[str, Counter[str]]:
@@ -153,7 +173,7 @@ def main() -> int:
         terminal.write(f"  Airflow's log: {log_path}\n\n")
         dag = _load_dag()
         started = time.monotonic()
-        progress = _Progress(terminal, DAG_ID, started)
+        progress = _Progress(terminal, DAG_ID, started, log_path)
         progress.start()
         try:
             dagrun = dag.test()

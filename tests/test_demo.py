@@ -30,7 +30,10 @@ def test_demo_prints_one_screen_and_ends_with_the_images(tmp_path):
     assert log_path.stat().st_size > 0
     assert not any("[info" in line.lower() or " INFO " in line for line in lines), result.stdout
     # Progress for each task, then the folder, the first image on its own line and the manifest.
-    assert any(re.search(r"\] persist +4 success$", line) for line in lines), result.stdout
+    assert any(re.search(r"\] generate +1 success$", line) for line in lines), result.stdout
+    assert any(re.search(r"\] +predictions +4/4 succeeded, 0 failed, 0 running, 0 waiting", line) for line in lines), (
+        result.stdout
+    )
     assert lines[-6].startswith("Run succeeded") and "4 succeeded" in lines[-6]
     folder = Path(lines[-5].strip())
     first_image = Path(lines[-3].strip())
