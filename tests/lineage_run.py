@@ -17,6 +17,7 @@ os.environ["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
 os.environ["AIRFLOW__OPENLINEAGE__NAMESPACE"] = "airflow-comet-test"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from airflow_comet.operators.batch import PredictionBatchOperator  # noqa: E402
 from airflow_comet.operators.persist import PersistPredictionOutputOperator  # noqa: E402
 from airflow_comet.operators.prediction import CreatePredictionOperator  # noqa: E402
 from airflow_comet.testing import CometAPISimulator, Faults  # noqa: E402
@@ -32,5 +33,11 @@ with CometAPISimulator(api_key="lineage-key", faults=Faults(durations=0.3)) as s
             wait_for_completion=True,
         )
         PersistPredictionOutputOperator(task_id="persist", prediction=edit.output, destination=(out / "images").as_uri())
+        PredictionBatchOperator(
+            task_id="batch",
+            model="black-forest-labs/flux-schnell",
+            inputs=[{"prompt": "a fox"}, {"prompt": "an owl"}],
+            destination=(out / "batch").as_uri(),
+        )
     dagrun = run(dag)
     print("STATE", getattr(dagrun.state, "value", dagrun.state))

@@ -55,6 +55,15 @@ def test_a_real_run_reports_the_files_through_openlineage(tmp_path):
     assert [(d["namespace"], d["name"]) for d in edit["inputs"]] == [("file", str(source))]
     (image,) = (tmp_path / "images").iterdir()
     assert [(d["namespace"], d["name"]) for d in persist["outputs"]] == [("file", str(image))]
+    batch = complete["batch"]
+    written = sorted((out := tmp_path / "batch").glob("*.webp"))
+    assert len(written) == 2
+    assert sorted((d["namespace"], d["name"]) for d in batch["outputs"]) == [("file", str(p)) for p in written]
+    assert sorted(batch["run"]["facets"]["cometapi_prediction"]["predictionIds"]) == sorted(
+        p.name.split("-")[0] for p in written
+    )
+    assert "externalQuery" not in batch["run"]["facets"]  # many predictions: no single external id
+    assert out.joinpath("manifest.jsonl").is_file()
     for event in (edit, persist):
         facet = event["run"]["facets"]["cometapi_prediction"]
         assert facet["model"] == "black-forest-labs/flux-kontext-pro"

@@ -332,6 +332,11 @@ class PredictionBatchOperator(BaseOperator):
         self, context: Context, state: BatchState, model: str, inputs: list[dict[str, Any]], folder: Any
     ) -> list[dict[str, Any]]:
         rows = state.rows(inputs, model, folder)
+        self._lineage = {
+            "model": model,
+            "prediction_ids": [row["prediction_id"] for row in rows if row.get("prediction_id")],
+            "outputs": [file["path"] for row in rows for file in row.get("files") or ()],
+        }
         where = ""
         if folder is not None:
             where = write_manifest(folder, rows)
@@ -350,6 +355,13 @@ class PredictionBatchOperator(BaseOperator):
             context["ti"].xcom_push(key="return_value", value=rows)
             raise
         return rows
+
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: one output dataset per file written, the model and every prediction as run facets."""
+        from airflow_comet.lineage import prediction_lineage
+
+        return prediction_lineage(**getattr(self, "_lineage", {"model": None, "prediction_ids": []}))
 
 
 def _check_whole(name: str, value: Any, minimum: int) -> None:
