@@ -65,3 +65,33 @@ def test_the_check_before_deferring_decides_on_real_times(scripted, times_told):
     before = time.time()
     assert sensor.execute(_context())["status"] == "succeeded"  # already done: no trigger
     assert len(times_told) == 2 and all(before <= t <= time.time() for t in times_told), times_told
+
+
+def test_start_from_trigger_is_set_up_for_the_scheduler_or_refused_with_a_reason():
+    """Airflow 3.3: the scheduler starts PredictionTrigger with the sensor's settings, prediction_id as the
+    template it renders in the triggerer; older Airflow, or an XComArg it cannot resolve there, fail at parse
+    time with the reason (the real run is tests/reliability/test_end_from_trigger.py)."""
+    from airflow_comet.sensors.prediction import AIRFLOW_3_3_PLUS, PredictionSensor
+    from tests.dagrun import DAG
+
+    template = "{{ ti.xcom_pull(task_ids='create', map_indexes=-1) }}"
+    if not AIRFLOW_3_3_PLUS:
+        with pytest.raises(ValueError, match="needs Airflow >= 3.3"):
+            PredictionSensor(task_id="w", prediction_id=template, start_from_trigger=True)
+        return
+    sensor = PredictionSensor(
+        task_id="w", prediction_id=template, start_from_trigger=True, end_from_trigger=True, timeout=600,
+        poke_interval=7,
+    )
+    assert sensor.start_from_trigger is True
+    assert sensor.start_trigger_args.trigger_cls == "airflow_comet.triggers.prediction.PredictionTrigger"
+    kwargs = sensor.start_trigger_args.trigger_kwargs
+    assert kwargs["prediction_id"] == template and kwargs["timeout"] == 600 and kwargs["end_from_trigger"] is True
+    assert kwargs["poll_interval"] == 7
+    assert PredictionSensor(task_id="plain", prediction_id="abc").start_from_trigger is False
+    with DAG("t_sft", schedule=None):
+        from airflow_comet.operators.prediction import CreatePredictionOperator
+
+        create = CreatePredictionOperator(task_id="create", model="a/b", input={"prompt": "x"})
+        with pytest.raises(ValueError, match="XComArg"):
+            PredictionSensor(task_id="w2", prediction_id=create.output, start_from_trigger=True)

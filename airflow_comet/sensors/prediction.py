@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import dataclasses
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -13,16 +14,21 @@ from airflow.providers.common.compat.sdk import (
     BaseSensorOperator,
     conf,
 )
+from airflow import __version__ as AIRFLOW_VERSION
+from airflow.triggers.base import StartTriggerArgs
 
 from airflow_comet.exceptions import CometAPIError, PredictionFailedError
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
 from airflow_comet.operators._waiting import PredictionWaitMixin
 from airflow_comet.polling import PollOutcome, PredictionPoller, is_terminal
+from airflow_comet.triggers.prediction import PredictionTrigger
 from airflow_comet.validation import is_templated, validate_prediction_id
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+
+AIRFLOW_3_3_PLUS = tuple(int(part) for part in AIRFLOW_VERSION.split(".")[:2]) >= (3, 3)
 
 #: Reschedule mode: the pause between re-asking within one poke to confirm an answer that counts towards
 #: giving up (three such in a row fail the wait: a few seconds of a worker slot, once).
@@ -49,11 +55,26 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
     :param end_from_trigger: With ``deferrable``, let the trigger end the task (Airflow >= 2.10): the wait
         costs no second worker run. Airflow then skips ``on_success_callback``, refuses the DAG while a
         listener such as OpenLineage is registered, and (before 3.3) does not retry a task the trigger failed.
+    :param start_from_trigger: Airflow >= 3.3, a task that is not mapped: the scheduler starts the trigger
+        itself and no worker runs before the wait (with ``end_from_trigger``, none at all). ``prediction_id``
+        must then be text: a Jinja template such as ``"{{ ti.xcom_pull(task_ids='create', map_indexes=-1) }}"``
+        is rendered in the triggerer (3.3.2's triggerer cannot answer an ``xcom_pull`` without
+        ``map_indexes``), an ``XComArg`` (``create.output``) is not. The ``timeout`` counts from the
+        trigger's start.
     """
 
     template_fields: Sequence[str] = ("prediction_id",)
     ui_color = "#f0ecfd"
     operator_extra_links = (PredictionLink(),)
+    # start_from_trigger (Airflow >= 3.3): what the scheduler starts instead of running execute().
+    start_trigger_args = StartTriggerArgs(
+        trigger_cls=f"{PredictionTrigger.__module__}.{PredictionTrigger.__qualname__}",
+        trigger_kwargs={},
+        next_method="execute_complete",
+        next_kwargs=None,
+        timeout=None,
+    )
+    start_from_trigger = False
 
     def __init__(
         self,
@@ -64,6 +85,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         cancel_on_kill: bool = True,
         fail_on_error: bool = True,
         end_from_trigger: bool = False,
+        start_from_trigger: bool = False,
         poke_interval: float = 20.0,
         **kwargs: Any,
     ) -> None:
@@ -76,8 +98,36 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         self.cancel_on_kill = cancel_on_kill
         self.fail_on_error = fail_on_error
         self.end_from_trigger = end_from_trigger
+        if start_from_trigger:
+            self._start_from_trigger()
         self._poller: PredictionPoller | None = None
         self._link_pushed = False
+
+    def _start_from_trigger(self) -> None:
+        if not AIRFLOW_3_3_PLUS:
+            raise ValueError(
+                "start_from_trigger needs Airflow >= 3.3 (older versions do not render prediction_id in the "
+                "triggerer); use deferrable=True"
+            )
+        if not isinstance(self.prediction_id, str):
+            raise ValueError(
+                "start_from_trigger needs prediction_id as text, e.g. \"{{ ti.xcom_pull(task_ids='create', map_indexes=-1) }}\": an XComArg "
+                f"(create.output) is resolved only in a worker, got {type(self.prediction_id).__name__}"
+            )
+        self.start_from_trigger = True
+        self.start_trigger_args = dataclasses.replace(
+            self.start_trigger_args,
+            trigger_kwargs={
+                # Named as the template field, so that the triggerer renders it (Airflow 3.3).
+                "prediction_id": self.prediction_id,
+                "cometapi_conn_id": self.cometapi_conn_id,
+                "poll_interval": self.poll_interval,
+                "cancel_on_kill": self.cancel_on_kill,
+                "end_from_trigger": self.end_from_trigger,
+                "fail_on_error": self.fail_on_error,
+                "timeout": float(self.timeout) if self.timeout else None,
+            },
+        )
 
     @property
     def poll_interval(self) -> float:  # the name the shared waiting code uses

@@ -41,6 +41,8 @@ class PredictionTrigger(BaseTrigger):
         XCom key ``prediction``).
     :param fail_on_error: With ``end_from_trigger``, fail the task for a prediction that ended
         ``failed``/``canceled`` (``False``: succeed with it as the result).
+    :param timeout: Seconds from this trigger's start to its deadline, when no ``end_time`` is given (a
+        sensor started from the triggerer knows no start time of its own).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class PredictionTrigger(BaseTrigger):
         end_from_trigger: bool = False,
         return_value: str = "prediction",
         fail_on_error: bool = True,
+        timeout: float | None = None,
     ) -> None:
         super().__init__()
         self.prediction_id = prediction_id
@@ -61,6 +64,8 @@ class PredictionTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.started_at = float(started_at) if started_at is not None else time.time()
         self.end_time = float(end_time) if end_time is not None else None
+        if self.end_time is None and timeout:
+            self.end_time = time.time() + float(timeout)
         self.cancel_on_kill = cancel_on_kill
         if return_value not in ("prediction", "id"):
             raise ValueError(f"return_value must be 'prediction' or 'id', got {return_value!r}")

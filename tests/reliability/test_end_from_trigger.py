@@ -3,7 +3,9 @@
 Promise: each task is ended by its trigger, so a prediction costs one worker run (the create, up to the
 deferral) instead of two; the task's XComs are what execute_complete would have pushed (the id as
 return_value, the final prediction under ``prediction``); a refused prompt is handed on
-(``fail_on_error=False``), its task succeeding with the failed prediction.
+(``fail_on_error=False``), its task succeeding with the failed prediction. A sensor with
+``start_from_trigger`` and ``end_from_trigger`` waits for a prediction with no worker run at all, its
+templated ``prediction_id`` rendered in the triggerer.
 """
 
 from __future__ import annotations
@@ -49,23 +51,30 @@ def test_the_trigger_ends_each_task_with_one_worker_run(rel_deployment: AirflowD
         assert prediction["id"] == prediction_id
         statuses.append(prediction["status"])
     assert statuses == ["failed" if "forbidden" in p else "succeeded" for p in PROMPTS]
-    assert len(creates(sim.requests())) == len(PROMPTS)
+    tis = {(ti["task_id"], ti["map_index"]): ti for ti in task_instances(dep, DAG_ID, run_id)}
+    assert tis[("wait", -1)]["state"] == "success"
+    waited = dep.api.xcom(DAG_ID, run_id, "wait")
+    assert waited["id"] == dep.api.xcom(DAG_ID, run_id, "create") and waited["status"] == "succeeded"
+    assert len(creates(sim.requests())) == len(PROMPTS) + 1
 
     def runs_per_task() -> Counter:
         text = scheduler_log.read_bytes()[offset:].decode(errors="replace")
-        return Counter(wid for wid in _WORKLOAD.findall(text) if wid in {ti["id"] for ti in generate})
+        return Counter(wid for wid in _WORKLOAD.findall(text) if wid in {ti["id"] for ti in tis.values()})
 
     # The supervisor logs a run's line once its process has gone, possibly after the task's state changed.
-    dep.wait_until(lambda: len(runs_per_task()) == len(PROMPTS), time.monotonic() + 60, "each task's worker run")
+    expected = {ti["id"] for ti in generate} | {tis[("inputs", -1)]["id"], tis[("create", -1)]["id"]}
+    dep.wait_until(lambda: set(runs_per_task()) >= expected, time.monotonic() + 60, "each task's worker run")
     time.sleep(3)  # a second run of any task would be logged by now
     runs = runs_per_task()
-    assert sorted(runs.values()) == [1] * len(PROMPTS), runs
+    assert sorted(runs[ti["id"]] for ti in generate) == [1] * len(PROMPTS), runs
+    assert runs[tis[("wait", -1)]["id"]] == 0, runs  # started and ended in the triggerer
     report(
         request,
         "end_from_trigger",
         outcome=f"run {run['state']}",
         tasks=len(generate),
-        worker_runs=sum(runs.values()),
+        worker_runs=sum(runs[ti["id"]] for ti in generate),
+        sensor_worker_runs=runs[tis[("wait", -1)]["id"]],
         creates=len(creates(sim.requests())),
         seconds=round(time.monotonic() - t0, 1),
     )
