@@ -44,11 +44,18 @@ def get_provider_info() -> dict[str, Any]:
                 "hook-class-name": "airflow_comet.hooks.cometapi.CometAPIHook",
                 "hook-name": "CometAPI",
                 "connection-type": "cometapi",
+                # The port stays visible: Airflow 3.3.2's Test button sends port 0 for an empty port, the
+                # api-server takes that for another destination than the stored NULL and refuses to test with
+                # the stored key ("Bad Request"; apache/airflow#73298). A saved port (443) avoids it; the hook
+                # uses it only when the base URL names none. (Airflow 2 reads the hook's own, unchanged.)
                 "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "login", "port"],
+                    "hidden-fields": ["schema", "login"],
                     "relabeling": {"password": "CometAPI key", "host": "Base URL"},
-                    "placeholders": {"host": "https://api.cometapi.com"},
+                    "placeholders": {"host": "https://api.cometapi.com", "port": "443 (the Test button needs a port)"},
                 },
+                # Bounds as "minimum": Airflow 3.3's form enforces minimum/maximum (it puts a value below the
+                # minimum back to it when the field loses focus) but ignores exclusiveMinimum. Each minimum is
+                # one the hook accepts (_protocol.ConnectionSettings: positive; max_retries may be 0).
                 "conn-fields": {
                     "read_timeout": {
                         "label": "Read timeout (s)",
@@ -67,23 +74,22 @@ def get_provider_info() -> dict[str, Any]:
                     "max_requests_per_second": {
                         "label": "Max requests per second",
                         "description": "Budget shared by every trigger of this connection in one triggerer.",
-                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "schema": {"type": ["number", "null"], "minimum": 0.01},
                     },
                     "max_retry_wait": {
                         "label": "Max Retry-After wait (s)",
                         "description": "The longest a 429's Retry-After is honoured.",
-                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": 60},
+                        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 60},
                     },
                     "retry_backoff": {
                         "label": "Retry backoff (s)",
                         "description": "The first backoff; it doubles each retry, with jitter.",
-                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": 1},
+                        "schema": {"type": ["number", "null"], "minimum": 0.01, "default": 1},
                     },
                     "proxy": {
                         "label": "Proxy URL",
                         "description": "http://[user:password@]host:port for every request of this connection "
-                        "(empty: HTTPS_PROXY / NO_PROXY from the environment). The extra 'proxies' takes a "
-                        "per-scheme mapping with no_proxy.",
+                        "(empty: HTTPS_PROXY / NO_PROXY from the environment, unless switched off below).",
                         "schema": {"type": ["string", "null"]},
                     },
                     "verify": {

@@ -1,4 +1,4 @@
-"""The operator extra link to a prediction, shown in the Airflow UI (also while the task is deferred)."""
+"""The operator extra link "CometAPI prediction": the first output file of a prediction that succeeded."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ from typing import Any
 
 from airflow.providers.common.compat.sdk import BaseOperatorLink, XCom
 
-#: XCom key under which tasks push the prediction's URL before they wait (links read it back).
+from airflow_comet.outputs import check_output_url
+
+#: XCom key under which a task pushes the link once its prediction has succeeded (links read it back).
 XCOM_PREDICTION_URL = "prediction_url"
 
 
 class PredictionLink(BaseOperatorLink):
-    """Links a task to its prediction: the prediction's web page, else its status URL on the connection."""
+    """Links a task to the first output file of its succeeded prediction: an image a browser shows for as long
+    as CometAPI keeps the file. No link before the prediction succeeded, nor when it failed (Airflow hides an
+    empty link).
+
+    CometAPI has no console page per prediction: the ``urls.web`` of its answers is a page of the upstream
+    provider's account that a CometAPI user cannot open, and the status URL needs the API key.
+    """
 
     name = "CometAPI prediction"
 
@@ -20,10 +28,13 @@ class PredictionLink(BaseOperatorLink):
         return url if isinstance(url, str) else ""
 
 
-def prediction_url(prediction: dict[str, Any], status_url: str) -> str:
-    """The web page of a prediction when the API gives one (http(s) only), else the status URL."""
-    urls = prediction.get("urls")
-    web = urls.get("web") if isinstance(urls, dict) else None
-    if isinstance(web, str) and web.startswith(("https://", "http://")):
-        return web
-    return status_url
+def prediction_link(prediction: dict[str, Any]) -> str:
+    """The URL of the first output file of a succeeded prediction (plain http(s) only), else ``""``."""
+    if prediction.get("status") != "succeeded":
+        return ""
+    output = prediction.get("output")
+    first = output[0] if isinstance(output, list) and output else output
+    try:
+        return check_output_url(first, "output")
+    except ValueError:  # no output, or one that is not a URL a browser should be sent to
+        return ""

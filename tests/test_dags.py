@@ -30,8 +30,10 @@ def test_create_then_deferrable_sensor(sim):
     final = xcom(dr, "wait")
     assert final["id"] == prediction_id and final["status"] == "succeeded"
     assert final["output"] and all(url.startswith(sim.delivery_url) for url in final["output"])
-    # The link was pushed before waiting: the prediction's web page on the API's answer.
-    assert xcom(dr, "create", "prediction_url").endswith(prediction_id)
+    # The "CometAPI prediction" link is the first output file, once the prediction has succeeded: the sensor
+    # knows it has; the create task, which did not wait, has no link.
+    assert xcom(dr, "wait", "prediction_url") == final["output"][0]
+    assert xcom(dr, "create", "prediction_url") is None
 
 
 @pytest.mark.parametrize("mode", ["poke", "reschedule"])
@@ -44,6 +46,7 @@ def test_sensor_in_worker_modes(sim, mode):
     dr = run(d)
     assert states(dr)["wait"] == "success"
     assert xcom(dr, "wait")["status"] == "succeeded"
+    assert xcom(dr, "wait", "prediction_url") == xcom(dr, "wait")["output"][0]
 
 
 @pytest.mark.parametrize("deferrable", [True, False])
@@ -58,6 +61,7 @@ def test_one_task_creates_and_waits(sim, deferrable):
     assert isinstance(prediction_id, str)
     assert xcom(dr, "gen", "prediction")["id"] == prediction_id
     assert xcom(dr, "gen", "prediction")["status"] == "succeeded"
+    assert xcom(dr, "gen", "prediction_url") == xcom(dr, "gen", "prediction")["output"][0]
     assert len(sim.creates()) == 1
 
 
@@ -97,6 +101,8 @@ def test_fail_on_error_false_hands_a_failed_prediction_on(sim, mode):
     assert final["id"] == xcom(dr, "create") and final["status"] == "failed" and "NSFW" in final["error"]
     assert xcom(dr, "persist") == []
     assert xcom(dr, "gen", "prediction")["status"] == "failed"
+    # A failed prediction has no output to link to: no "CometAPI prediction" link.
+    assert xcom(dr, "wait", "prediction_url") is None and xcom(dr, "gen", "prediction_url") is None
 
 
 def test_bad_key_fails_create_without_retrying(sim, monkeypatch):

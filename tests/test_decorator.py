@@ -48,8 +48,9 @@ def test_a_task_returns_the_final_prediction(sim, tmp_path, deferrable):
     assert sim.prediction(prediction["id"])["input"] == {"prompt": "a fox, oil painting", "aspect_ratio": "1:1"}
     # The dict annotation does not unroll the prediction into one XCom per key.
     assert xcom(dr, "gen", "status") is None
-    # The operator's other XComs are there as usual: the link, and the prediction id pushed before deferring.
-    assert xcom(dr, "gen", "prediction_url").endswith(prediction["id"])
+    # The operator's other XComs are there as usual: the link (the first output file), and the prediction id
+    # pushed before deferring.
+    assert xcom(dr, "gen", "prediction_url") == prediction["output"][0]
     assert xcom(dr, "gen", "deferred_prediction_id") == (prediction["id"] if deferrable else None)
     # The resume from deferral went to execute_complete: the function ran once.
     assert calls.read_text() == "called\n"

@@ -468,7 +468,10 @@ class CometAPIHook(BaseHook):
         except CometAPINotFoundError:
             return True, f"Connected to {self.settings.base_url}: the key was accepted."
         except CometAPIError as error:
-            return False, str(error)
+            # Airflow runs the test under a throwaway id (e.g. 'bIvkavl2'), which the person at the form never
+            # chose: say "this connection" instead of naming it.
+            named = re.compile(rf"\b([Cc])onnection {re.escape(repr(self.cometapi_conn_id))}")
+            return False, named.sub(lambda m: ("T" if m[1] == "C" else "t") + "his connection", str(error))
         return True, f"Connected to {self.settings.base_url}."
 
     @staticmethod

@@ -11,7 +11,7 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowTaskTim
 from airflow_comet.exceptions import CometAPIError, PredictionFailedError
 from airflow_comet.hooks import _protocol as protocol
 from airflow_comet.hooks.cometapi import CometAPIHook
-from airflow_comet.links import XCOM_PREDICTION_URL, prediction_url
+from airflow_comet.links import XCOM_PREDICTION_URL, prediction_link
 from airflow_comet.polling import EVENT_STATUSES, PollOutcome, PredictionPoller
 from airflow_comet.triggers.prediction import PredictionTrigger
 
@@ -59,9 +59,15 @@ class PredictionWaitMixin:
         return own, False
 
     def _push_link(self, context: Context, prediction: dict[str, Any]) -> None:
-        # Pushed before deferring: Airflow materialises extra links while the task is deferred.
-        status_url = self.hook.settings.url(protocol.prediction_path(prediction["id"]))
-        context["ti"].xcom_push(key=XCOM_PREDICTION_URL, value=prediction_url(prediction, status_url))
+        """Push the "CometAPI prediction" link (``links.PredictionLink``) once ``prediction`` has succeeded:
+        its first output file. Nothing before that or when it failed, so the UI shows no link then.
+
+        Called with each prediction object the task learns of (after the create, and with the final one);
+        Airflow 3 stores the link when the task stops, deferred or done, from what has been pushed by then.
+        """
+        link = prediction_link(prediction)
+        if link:
+            context["ti"].xcom_push(key=XCOM_PREDICTION_URL, value=link)
 
     def pre_execute(self, context: Context) -> None:
         super().pre_execute(context)  # type: ignore[misc]

@@ -154,6 +154,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         self.prediction_id = (event or {}).get("prediction_id") if isinstance(event, dict) else None
         prediction = self._finish(event, deadline_is_task_timeout=deadline_is_task_timeout)
         context["ti"].xcom_push(key=XCOM_PREDICTION, value=prediction)
+        self._push_link(context, prediction)
         return prediction["id"]
 
     def _resume_or_create(self, context: Context, model: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -101,7 +101,6 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         if start_from_trigger:
             self._start_from_trigger()
         self._poller: PredictionPoller | None = None
-        self._link_pushed = False
 
     def _start_from_trigger(self) -> None:
         if not AIRFLOW_3_3_PLUS:
@@ -151,11 +150,10 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
                 raise
         # Check once before deferring: a prediction that is already done needs no trigger.
         prediction = self.hook.get_prediction(self.prediction_id)
-        self._push_link(context, prediction)
         poller = PredictionPoller(prediction_id=self.prediction_id, started_at=time.time())
         outcome = poller.on_prediction(prediction, time.time())
         if outcome.event is not None:
-            return self._finish(outcome.event)
+            return self._finish_and_link(context, outcome.event)
         end_time, is_task_timeout = self._deadline(context, float(self.timeout) if self.timeout else None)
         self.defer(
             trigger=self._trigger(prediction, end_time),
@@ -186,7 +184,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         # Returning the prediction through PokeReturnValue makes it the task's XCom return_value.
         from airflow.providers.common.compat.sdk import PokeReturnValue
 
-        return PokeReturnValue(is_done=True, xcom_value=self._finish(outcome.event))
+        return PokeReturnValue(is_done=True, xcom_value=self._finish_and_link(context, outcome.event))
 
     def _check(self, context: Context) -> PollOutcome:
         """One status check and the poller's decision on it, logged."""
@@ -198,10 +196,14 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
             if outcome.event is None:
                 self.log.warning("Status check of prediction %s failed (trying again): %s", self.prediction_id, error)
             return outcome
+<<<<<<< HEAD
         if not self._link_pushed:
             self._push_link(context, prediction)
             self._link_pushed = True
         outcome = self._poller.on_prediction(prediction, time.time())
+=======
+        outcome = self._poller.on_prediction(prediction, 0.0)
+>>>>>>> issue-25b
         if outcome.problem:
             self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         else:
@@ -212,7 +214,13 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
         self, context: Context, event: dict[str, Any] | None = None, deadline_is_task_timeout: bool = False
     ) -> dict[str, Any]:
         """Resume after the trigger fired: return the prediction, or fail with the event's message."""
-        return self._finish(event, deadline_is_task_timeout=deadline_is_task_timeout)
+        return self._finish_and_link(context, event, deadline_is_task_timeout=deadline_is_task_timeout)
+
+    def _finish_and_link(self, context: Context, event: Any, **kwargs: Any) -> dict[str, Any]:
+        """``_finish``, then the link to the prediction's output once it has succeeded."""
+        prediction = self._finish(event, **kwargs)
+        self._push_link(context, prediction)
+        return prediction
 
     def _retry_hint(self, *, cancelled: bool) -> str:
         return ""  # a sensor creates nothing, and its own timeout is not retried
