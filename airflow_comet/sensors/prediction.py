@@ -196,14 +196,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
             if outcome.event is None:
                 self.log.warning("Status check of prediction %s failed (trying again): %s", self.prediction_id, error)
             return outcome
-<<<<<<< HEAD
-        if not self._link_pushed:
-            self._push_link(context, prediction)
-            self._link_pushed = True
         outcome = self._poller.on_prediction(prediction, time.time())
-=======
-        outcome = self._poller.on_prediction(prediction, 0.0)
->>>>>>> issue-25b
         if outcome.problem:
             self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         else:
