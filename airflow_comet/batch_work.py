@@ -119,7 +119,10 @@ async def _resume(hook: CometAPIHook, index: int, prediction_id: str, log: Any) 
         log.warning("Item #%d: could not read earlier prediction %s (%s); following it", index, prediction_id, error)
         return {"id": prediction_id, "status": "starting", "created_at": None}
     reason = resume.why_not_resumable(prediction, time.time())
-    if reason is None:
+    # A prediction CometAPI failed (a refused prompt, a model error) is that item's outcome, as it would have
+    # been in the earlier try: a task retry must not pay for it again; ``item_retries`` decides that. Only
+    # canceled/aborted ones (the batch's own deadline or on_kill) and stale successes are created anew.
+    if reason is None or (prediction is not None and prediction.get("status") == "failed"):
         assert prediction is not None
         log.info("Item #%d: resuming prediction %s (%s) of an earlier try", index, prediction_id, prediction["status"])
         return prediction

@@ -487,3 +487,34 @@ async def test_an_earlier_id_is_reused_only_for_the_same_input(sim):
     assert created[1].prediction["id"] != earlier_id  # its input changed: a new prediction
     assert len(sim.creates()) == 2  # the earlier one and item 1's
     assert store.data["cometapi_batch.0"]["1"][0] == created[1].prediction["id"]
+
+
+async def test_an_earlier_trys_failed_prediction_is_its_outcome_and_a_cancelled_one_is_created_again(sim):
+    """A task retry (a lost worker) must not pay again for an item CometAPI already failed (a refused prompt);
+    ``item_retries`` decides that. A cancelled one (the batch's own deadline or on_kill) is created anew."""
+    from airflow_comet.batch_work import FINGERPRINT_CHARS, create_items
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger, fingerprint
+
+    sim.set_faults(Faults(durations={FLUX: lambda model, input: 0.1 if "forbidden" in input["prompt"] else 60},
+                          refused_words=["forbidden"]))
+    inputs = [{"prompt": "a forbidden thing"}, {"prompt": "a cancelled thing"}]
+    hook = CometAPIHook()
+    refused, cancelled = (hook.create_prediction(FLUX, item)["id"] for item in inputs)
+    hook.cancel_prediction(cancelled)
+    for _ in range(100):
+        if hook.get_prediction(refused)["status"] == "failed":
+            break
+        await asyncio.sleep(0.1)
+    digests = [fingerprint("cometapi_default", FLUX, item)[:FINGERPRINT_CHARS] for item in inputs]
+    async_hook = CometAPIHook()
+    try:
+        made = await create_items(
+            async_hook, FLUX, [(0, 0, inputs[0]), (1, 0, inputs[1])], ledger=BatchLedger({"task_state_store": DictStore()}),
+            earlier={0: (refused, digests[0]), 1: (cancelled, digests[1])}, log=__import__("logging").getLogger("test"),
+        )
+    finally:
+        await async_hook.aclose()
+    assert made[0].prediction["id"] == refused and made[0].prediction["status"] == "failed"
+    assert made[1].prediction["id"] != cancelled
+    assert len(sim.creates()) == 3  # the two earlier ones and item 1's new one

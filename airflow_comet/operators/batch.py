@@ -61,8 +61,9 @@ class PredictionBatchOperator(BaseOperator):
 
     Exactly once: on Airflow 3.3 each item's prediction id is saved in the task state store as soon as it
     is created, so a retry after a lost worker follows (or persists) the earlier try's predictions instead of
-    paying again (same model and input; a succeeded one only while its output URLs last, 30 minutes). On
-    older Airflow there is no such store: a retry creates every item again.
+    paying again (same model and input; a succeeded one only while its output URLs last, 30 minutes; a
+    failed one keeps its outcome, ``item_retries`` decides whether it is created again). On older Airflow
+    there is no such store: a retry creates every item again.
 
     :param model: ``owner/name`` (templated).
     :param inputs: The model inputs: a list of dicts (templated; an upstream task's output works), or a
