@@ -24,6 +24,13 @@ from tests.test_dags import FLUX, dag
 PROMPTS = [f"prompt number {i}" for i in range(30)]
 
 
+@pytest.fixture(autouse=True)
+def _no_minimum_deferral(monkeypatch):
+    """``dag.test()`` runs triggers in its own process, without the scheduler race MIN_DEFERRAL works around:
+    these tests need not wait for it (its own test sets it)."""
+    monkeypatch.setattr("airflow_comet.operators.batch.MIN_DEFERRAL", 0.0)
+
+
 def batch_inputs(prompts=PROMPTS) -> list[dict]:
     return [{"prompt": p, "output_format": "png"} for p in prompts]
 
@@ -341,6 +348,34 @@ async def test_the_trigger_ends_every_running_prediction_at_the_deadline(sim):
     event = await asyncio.wait_for(first_event(PredictionBatchTrigger(running, enough=1, end_time=time.time() + 2)), 20)
     assert sorted(index for index, _ in event["ended"]) == [0, 1, 2]
     assert {item["status"] for _, item in event["ended"]} == {"timeout"}
+
+
+async def test_the_trigger_fires_no_sooner_than_not_before_unless_the_deadline_comes_first(sim):
+    # Enough ended at once, yet the event waits for not_before (Airflow's resume race), collecting what ends meanwhile.
+    running = created(sim, 3, durations={FLUX: lambda model, input: {"p0": 0.1, "p1": 1.5}.get(input["prompt"], 60)})
+    started = time.monotonic()
+    trigger = PredictionBatchTrigger(running, enough=1, poll_interval=0.5, not_before=time.time() + 4)
+    event = await asyncio.wait_for(first_event(trigger), 20)
+    assert time.monotonic() - started >= 3.9
+    assert [index for index, _ in event["ended"]] == [0, 1]
+    # The batch's deadline lifts the floor: the running predictions time out at once.
+    running = created(sim, 2, never_finish=True)
+    started = time.monotonic()
+    trigger = PredictionBatchTrigger(running, enough=1, end_time=time.time() + 2, not_before=time.time() + 60)
+    event = await asyncio.wait_for(first_event(trigger), 30)
+    assert {item["status"] for _, item in event["ended"]} == {"timeout"} and time.monotonic() - started < 15
+
+
+def test_a_deferring_batch_asks_its_trigger_to_wait_out_the_resume_race(monkeypatch):
+    from airflow_comet.batch_state import BatchState
+    from airflow_comet.operators import batch
+
+    monkeypatch.setattr(batch, "MIN_DEFERRAL", 10.0)
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=batch_inputs(), deferrable=True)
+    state = BatchState(total=30, digest="x", started_at=time.time(), running=[[0, "id0", time.time(), 1]])
+    trigger = operator._trigger(state)
+    assert 9 < trigger.not_before - time.time() <= 10
+    assert PredictionBatchTrigger(**trigger.serialize()[1]).not_before == trigger.not_before
 
 
 async def test_the_trigger_reports_a_missing_connection_with_the_state(sim, monkeypatch):

@@ -38,6 +38,12 @@ REFILL_HOLD = 30.0
 #: With nothing left to create, outputs are still persisted within this long of their prediction's end
 #: (output URLs expire about an hour after the prediction).
 OUTPUTS_HOLD = 15 * 60.0
+#: A batch's trigger fires no sooner than this many seconds after the task deferred. Airflow 3.2 to 3.3.2 fail
+#: a task that resumes before the scheduler has processed its worker's exit on deferring ("finished with
+#: state success, but the task instance's state attribute is queued/running": apache/airflow#67287, #72716),
+#: which took up to ~6 s on a busy 2-core deployment; a batch, which defers again at every refill while its
+#: predictions keep ending, hit it twice a minute with an immediate trigger, losing a try each time.
+MIN_DEFERRAL = 10.0
 #: XCom key of the running predictions' ``[index, id]``, pushed before deferring (see ``pre_execute``).
 XCOM_RUNNING = "batch_running"
 
@@ -314,6 +320,7 @@ class PredictionBatchOperator(BaseOperator):
             cancel_on_kill=self.cancel_on_kill,
             progress=state.progress(),
             state=state.to_json(),
+            not_before=time.time() + MIN_DEFERRAL if MIN_DEFERRAL > 0 else None,
         )
 
     def _ended_from(self, event: Any, state: BatchState) -> list[tuple[int, int, dict[str, Any]]]:
