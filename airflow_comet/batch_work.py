@@ -101,7 +101,18 @@ async def create_items(
         # Before anything else: a worker lost from here on must not cost this item a second prediction. In a
         # thread: on Airflow 3 the store talks to the supervisor with a blocking call, which must not run on
         # the event loop's thread while another request of the loop (a connection lookup) is in flight.
-        await asyncio.to_thread(ledger.record, index, prediction_id, digest)
+        recorded = await asyncio.to_thread(ledger.record, index, prediction_id, digest)
+        if not recorded and ledger.supported:
+            # No retry could ever find it, and this try stops creating: nobody would follow it but the bill.
+            try:
+                await hook.acancel_prediction(prediction_id)
+            except CometAPIError as error:
+                log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+            return Created(
+                index, attempts + 1, fatal=True,
+                error=f"the id of its prediction {prediction_id} could not be saved in the task state store, so "
+                "that prediction was cancelled (a retry of the task could not have found it)",
+            )
         log.debug("Item #%d: created prediction %s (attempt %d)", index, prediction_id, attempts + 1)
         return Created(index, attempts + 1, prediction)
 

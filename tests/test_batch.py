@@ -553,3 +553,32 @@ async def test_an_earlier_trys_failed_prediction_is_its_outcome_and_a_cancelled_
     assert made[0].prediction["id"] == refused and made[0].prediction["status"] == "failed"
     assert made[1].prediction["id"] != cancelled
     assert len(sim.creates()) == 3  # the two earlier ones and item 1's new one
+
+
+async def test_a_try_that_cannot_save_ids_stops_creating_and_cancels_what_it_could_not_save(sim):
+    """Airflow 3.3.2 can start the next try while a resumed one still runs; the old try's writes then fail. It
+    must create nothing more, and cancel a prediction whose id it could not save (no retry could find it)."""
+    from airflow_comet.batch_work import create_items
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger
+
+    class GoneTaskInstance(DictStore):
+        def set(self, key, value):
+            raise RuntimeError("API_SERVER_ERROR: 404 Task instance 01a2 not found")
+
+    sim.set_faults(Faults(durations=60))
+    ledger = BatchLedger({"task_state_store": GoneTaskInstance()})
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=batch_inputs(), max_in_flight=4)
+    operator._async_hook = hook = CometAPIHook()
+    state = BatchState(total=30, digest="x", started_at=time.time())
+    try:
+        assert await operator._fill(state, FLUX, batch_inputs(), ledger, {}) == []
+        assert "task state store cannot be written" in state.halted and state.running == [] and sim.creates() == []
+        # Written a moment ago, refused now: that create's prediction is cancelled and the batch stops.
+        made = await create_items(hook, FLUX, [(3, 0, {"prompt": "x"})], ledger=ledger, earlier={},
+                                  log=__import__("logging").getLogger("test"))
+    finally:
+        await hook.aclose()
+    assert made[0].fatal and made[0].prediction is None and "was cancelled" in made[0].error
+    assert len(sim.creates()) == 1 and [c.prediction_id for c in sim.cancels()] == [sim.creates()[0].prediction_id]
+    assert BatchLedger({}).writable()  # no store (Airflow < 3.3): nothing to keep, creating goes on

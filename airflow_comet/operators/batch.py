@@ -264,6 +264,11 @@ class PredictionBatchOperator(BaseOperator):
         earlier: dict[int, tuple[str, str]],
     ) -> list[tuple[int, int, dict[str, Any]]]:
         """Create items into the free places; the outcomes of those that ended at once (or failed to start)."""
+        if not await asyncio.to_thread(ledger.writable):
+            # What this try created now could be found by no retry (see BatchLedger.writable): stop creating.
+            state.halt("the task state store cannot be written (Airflow may already run another try of this task), "
+                       "and a prediction whose id it cannot keep could be paid for twice")
+            return []
         items = []
         while len(state.running) + len(items) < self.max_in_flight and (taken := state.take()) is not None:
             items.append((taken[0], taken[1], inputs[taken[0]]))
