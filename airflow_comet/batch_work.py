@@ -101,7 +101,18 @@ async def create_items(
         # Before anything else: a worker lost from here on must not cost this item a second prediction. In a
         # thread: on Airflow 3 the store talks to the supervisor with a blocking call, which must not run on
         # the event loop's thread while another request of the loop (a connection lookup) is in flight.
-        await asyncio.to_thread(ledger.record, index, prediction_id, digest)
+        recorded = await asyncio.to_thread(ledger.record, index, prediction_id, digest)
+        if not recorded and ledger.supported:
+            # No retry could ever find it, and this try stops creating: nobody would follow it but the bill.
+            try:
+                await hook.acancel_prediction(prediction_id)
+            except CometAPIError as error:
+                log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+            return Created(
+                index, attempts + 1, fatal=True,
+                error=f"the id of its prediction {prediction_id} could not be saved in the task state store, so "
+                "that prediction was cancelled (a retry of the task could not have found it)",
+            )
         log.debug("Item #%d: created prediction %s (attempt %d)", index, prediction_id, attempts + 1)
         return Created(index, attempts + 1, prediction)
 
@@ -119,7 +130,10 @@ async def _resume(hook: CometAPIHook, index: int, prediction_id: str, log: Any) 
         log.warning("Item #%d: could not read earlier prediction %s (%s); following it", index, prediction_id, error)
         return {"id": prediction_id, "status": "starting", "created_at": None}
     reason = resume.why_not_resumable(prediction, time.time())
-    if reason is None:
+    # A prediction CometAPI failed (a refused prompt, a model error) is that item's outcome, as it would have
+    # been in the earlier try: a task retry must not pay for it again; ``item_retries`` decides that. Only
+    # canceled/aborted ones (the batch's own deadline or on_kill) and stale successes are created anew.
+    if reason is None or (prediction is not None and prediction.get("status") == "failed"):
         assert prediction is not None
         log.info("Item #%d: resuming prediction %s (%s) of an earlier try", index, prediction_id, prediction["status"])
         return prediction

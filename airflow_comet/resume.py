@@ -93,6 +93,8 @@ def why_not_resumable(prediction: dict[str, Any] | None, now: float) -> str | No
 #: write stays a few kilobytes whatever the batch's size, and a retry reads the whole batch in a few gets.
 BATCH_KEY = "cometapi_batch"
 BATCH_CHUNK = 64
+#: Written before each round of creates, to learn whether this try can still record anything.
+BATCH_PROBE_KEY = f"{BATCH_KEY}.writable"
 
 
 class BatchLedger:
@@ -122,6 +124,22 @@ class BatchLedger:
                     if key.isdigit() and isinstance(value, list) and len(value) == 2 and int(key) < total:
                         found[int(key)] = (str(value[0]), str(value[1]))
         return found
+
+    def writable(self) -> bool:
+        """Whether this try can record ids now (``True`` without a store: there is nothing to keep).
+
+        Airflow 3.3.2 sometimes fails a task that has just resumed and starts its next try while the resumed
+        process still runs (apache/airflow#72716); from then on every write of the old try fails (its task
+        instance id is gone), and nothing it creates could be found again. Reading cannot tell: a read of a
+        gone task instance answers "no such key"."""
+        if self._store is None:
+            return True
+        try:
+            self._store.set(BATCH_PROBE_KEY, 1)
+        except Exception as error:  # noqa: BLE001 - any failure means the same: do not create now
+            log.warning("The task state store cannot be written (%s)", error)
+            return False
+        return True
 
     def record(self, index: int, prediction_id: str, digest: str) -> bool:
         """Save item ``index``'s prediction id with its fingerprint; ``True`` when it was saved."""

@@ -24,6 +24,13 @@ from tests.test_dags import FLUX, dag
 PROMPTS = [f"prompt number {i}" for i in range(30)]
 
 
+@pytest.fixture(autouse=True)
+def _no_minimum_deferral(monkeypatch):
+    """``dag.test()`` runs triggers in its own process, without the scheduler race MIN_DEFERRAL works around:
+    these tests need not wait for it (its own test sets it)."""
+    monkeypatch.setattr("airflow_comet.operators.batch.MIN_DEFERRAL", 0.0)
+
+
 def batch_inputs(prompts=PROMPTS) -> list[dict]:
     return [{"prompt": p, "output_format": "png"} for p in prompts]
 
@@ -343,6 +350,34 @@ async def test_the_trigger_ends_every_running_prediction_at_the_deadline(sim):
     assert {item["status"] for _, item in event["ended"]} == {"timeout"}
 
 
+async def test_the_trigger_fires_no_sooner_than_not_before_unless_the_deadline_comes_first(sim):
+    # Enough ended at once, yet the event waits for not_before (Airflow's resume race), collecting what ends meanwhile.
+    running = created(sim, 3, durations={FLUX: lambda model, input: {"p0": 0.1, "p1": 1.5}.get(input["prompt"], 60)})
+    started = time.monotonic()
+    trigger = PredictionBatchTrigger(running, enough=1, poll_interval=0.5, not_before=time.time() + 4)
+    event = await asyncio.wait_for(first_event(trigger), 20)
+    assert time.monotonic() - started >= 3.9
+    assert [index for index, _ in event["ended"]] == [0, 1]
+    # The batch's deadline lifts the floor: the running predictions time out at once.
+    running = created(sim, 2, never_finish=True)
+    started = time.monotonic()
+    trigger = PredictionBatchTrigger(running, enough=1, end_time=time.time() + 2, not_before=time.time() + 60)
+    event = await asyncio.wait_for(first_event(trigger), 30)
+    assert {item["status"] for _, item in event["ended"]} == {"timeout"} and time.monotonic() - started < 15
+
+
+def test_a_deferring_batch_asks_its_trigger_to_wait_out_the_resume_race(monkeypatch):
+    from airflow_comet.batch_state import BatchState
+    from airflow_comet.operators import batch
+
+    monkeypatch.setattr(batch, "MIN_DEFERRAL", 10.0)
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=batch_inputs(), deferrable=True)
+    state = BatchState(total=30, digest="x", started_at=time.time(), running=[[0, "id0", time.time(), 1]])
+    trigger = operator._trigger(state)
+    assert 9 < trigger.not_before - time.time() <= 10
+    assert PredictionBatchTrigger(**trigger.serialize()[1]).not_before == trigger.not_before
+
+
 async def test_the_trigger_reports_a_missing_connection_with_the_state(sim, monkeypatch):
     monkeypatch.setattr("airflow_comet.triggers.prediction.LOOKUP_PAUSES", (0.1,))
     event = await asyncio.wait_for(
@@ -487,3 +522,63 @@ async def test_an_earlier_id_is_reused_only_for_the_same_input(sim):
     assert created[1].prediction["id"] != earlier_id  # its input changed: a new prediction
     assert len(sim.creates()) == 2  # the earlier one and item 1's
     assert store.data["cometapi_batch.0"]["1"][0] == created[1].prediction["id"]
+
+
+async def test_an_earlier_trys_failed_prediction_is_its_outcome_and_a_cancelled_one_is_created_again(sim):
+    """A task retry (a lost worker) must not pay again for an item CometAPI already failed (a refused prompt);
+    ``item_retries`` decides that. A cancelled one (the batch's own deadline or on_kill) is created anew."""
+    from airflow_comet.batch_work import FINGERPRINT_CHARS, create_items
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger, fingerprint
+
+    sim.set_faults(Faults(durations={FLUX: lambda model, input: 0.1 if "forbidden" in input["prompt"] else 60},
+                          refused_words=["forbidden"]))
+    inputs = [{"prompt": "a forbidden thing"}, {"prompt": "a cancelled thing"}]
+    hook = CometAPIHook()
+    refused, cancelled = (hook.create_prediction(FLUX, item)["id"] for item in inputs)
+    hook.cancel_prediction(cancelled)
+    for _ in range(100):
+        if hook.get_prediction(refused)["status"] == "failed":
+            break
+        await asyncio.sleep(0.1)
+    digests = [fingerprint("cometapi_default", FLUX, item)[:FINGERPRINT_CHARS] for item in inputs]
+    async_hook = CometAPIHook()
+    try:
+        made = await create_items(
+            async_hook, FLUX, [(0, 0, inputs[0]), (1, 0, inputs[1])], ledger=BatchLedger({"task_state_store": DictStore()}),
+            earlier={0: (refused, digests[0]), 1: (cancelled, digests[1])}, log=__import__("logging").getLogger("test"),
+        )
+    finally:
+        await async_hook.aclose()
+    assert made[0].prediction["id"] == refused and made[0].prediction["status"] == "failed"
+    assert made[1].prediction["id"] != cancelled
+    assert len(sim.creates()) == 3  # the two earlier ones and item 1's new one
+
+
+async def test_a_try_that_cannot_save_ids_stops_creating_and_cancels_what_it_could_not_save(sim):
+    """Airflow 3.3.2 can start the next try while a resumed one still runs; the old try's writes then fail. It
+    must create nothing more, and cancel a prediction whose id it could not save (no retry could find it)."""
+    from airflow_comet.batch_work import create_items
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger
+
+    class GoneTaskInstance(DictStore):
+        def set(self, key, value):
+            raise RuntimeError("API_SERVER_ERROR: 404 Task instance 01a2 not found")
+
+    sim.set_faults(Faults(durations=60))
+    ledger = BatchLedger({"task_state_store": GoneTaskInstance()})
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=batch_inputs(), max_in_flight=4)
+    operator._async_hook = hook = CometAPIHook()
+    state = BatchState(total=30, digest="x", started_at=time.time())
+    try:
+        assert await operator._fill(state, FLUX, batch_inputs(), ledger, {}) == []
+        assert "task state store cannot be written" in state.halted and state.running == [] and sim.creates() == []
+        # Written a moment ago, refused now: that create's prediction is cancelled and the batch stops.
+        made = await create_items(hook, FLUX, [(3, 0, {"prompt": "x"})], ledger=ledger, earlier={},
+                                  log=__import__("logging").getLogger("test"))
+    finally:
+        await hook.aclose()
+    assert made[0].fatal and made[0].prediction is None and "was cancelled" in made[0].error
+    assert len(sim.creates()) == 1 and [c.prediction_id for c in sim.cancels()] == [sim.creates()[0].prediction_id]
+    assert BatchLedger({}).writable()  # no store (Airflow < 3.3): nothing to keep, creating goes on

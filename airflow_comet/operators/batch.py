@@ -38,6 +38,12 @@ REFILL_HOLD = 30.0
 #: With nothing left to create, outputs are still persisted within this long of their prediction's end
 #: (output URLs expire about an hour after the prediction).
 OUTPUTS_HOLD = 15 * 60.0
+#: A batch's trigger fires no sooner than this many seconds after the task deferred. Airflow 3.2 to 3.3.2 fail
+#: a task that resumes before the scheduler has processed its worker's exit on deferring ("finished with
+#: state success, but the task instance's state attribute is queued/running": apache/airflow#67287, #72716),
+#: which took up to ~6 s on a busy 2-core deployment; a batch, which defers again at every refill while its
+#: predictions keep ending, hit it twice a minute with an immediate trigger, losing a try each time.
+MIN_DEFERRAL = 10.0
 #: XCom key of the running predictions' ``[index, id]``, pushed before deferring (see ``pre_execute``).
 XCOM_RUNNING = "batch_running"
 
@@ -61,8 +67,9 @@ class PredictionBatchOperator(BaseOperator):
 
     Exactly once: on Airflow 3.3 each item's prediction id is saved in the task state store as soon as it
     is created, so a retry after a lost worker follows (or persists) the earlier try's predictions instead of
-    paying again (same model and input; a succeeded one only while its output URLs last, 30 minutes). On
-    older Airflow there is no such store: a retry creates every item again.
+    paying again (same model and input; a succeeded one only while its output URLs last, 30 minutes; a
+    failed one keeps its outcome, ``item_retries`` decides whether it is created again). On older Airflow
+    there is no such store: a retry creates every item again.
 
     :param model: ``owner/name`` (templated).
     :param inputs: The model inputs: a list of dicts (templated; an upstream task's output works), or a
@@ -257,6 +264,11 @@ class PredictionBatchOperator(BaseOperator):
         earlier: dict[int, tuple[str, str]],
     ) -> list[tuple[int, int, dict[str, Any]]]:
         """Create items into the free places; the outcomes of those that ended at once (or failed to start)."""
+        if not await asyncio.to_thread(ledger.writable):
+            # What this try created now could be found by no retry (see BatchLedger.writable): stop creating.
+            state.halt("the task state store cannot be written (Airflow may already run another try of this task), "
+                       "and a prediction whose id it cannot keep could be paid for twice")
+            return []
         items = []
         while len(state.running) + len(items) < self.max_in_flight and (taken := state.take()) is not None:
             items.append((taken[0], taken[1], inputs[taken[0]]))
@@ -313,6 +325,7 @@ class PredictionBatchOperator(BaseOperator):
             cancel_on_kill=self.cancel_on_kill,
             progress=state.progress(),
             state=state.to_json(),
+            not_before=time.time() + MIN_DEFERRAL if MIN_DEFERRAL > 0 else None,
         )
 
     def _ended_from(self, event: Any, state: BatchState) -> list[tuple[int, int, dict[str, Any]]]:

@@ -63,8 +63,10 @@ class EndCollector:
         *,
         log: Any,
         on_progress: Callable[[int], None] | None = None,
+        not_before: float | None = None,
     ) -> dict[int, dict[str, Any]]:
-        """Wait until ``enough`` predictions ended (or all did), or ``hold`` seconds after the first ended;
+        """Wait until ``enough`` predictions ended (or all did), or ``hold`` seconds after the first ended, and
+        in any case until the epoch ``not_before`` (``None``: no such floor; the batch's deadline lifts it);
         return ``{index: event}`` of those that ended (the events' predictions slimmed).
 
         ``on_progress(ended so far)`` is called after each end and at least every ``PROGRESS_EVERY`` seconds.
@@ -72,9 +74,17 @@ class EndCollector:
         loop = asyncio.get_running_loop()
         ended: dict[int, dict[str, Any]] = {}
         first_end: float | None = None
-        while self._pending and len(ended) < enough:
+        while self._pending:
+            ready = len(ended) >= enough or (
+                first_end is not None and hold is not None and loop.time() >= first_end + hold
+            )
+            early = not_before is not None and time.time() < not_before
+            if ready and not early:
+                break
             timeout = PROGRESS_EVERY
-            if first_end is not None and hold is not None:
+            if ready and not_before is not None:
+                timeout = min(timeout, max(0.0, not_before - time.time()))
+            elif first_end is not None and hold is not None:
                 timeout = min(timeout, max(0.0, first_end + hold - loop.time()))
             done, _ = await asyncio.wait(self._pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for future in done:
@@ -88,10 +98,11 @@ class EndCollector:
                 # At the deadline every prediction still followed times out within a moment: take them all,
                 # rather than a resume of the task for each.
                 enough = len(ended) + len(self._pending)
+                not_before = None
             if on_progress is not None:
                 on_progress(len(ended))
-            if first_end is not None and hold is not None and loop.time() >= first_end + hold:
-                break
+        if not_before is not None and time.time() < not_before:
+            await asyncio.sleep(not_before - time.time())  # everything ended early: still not sooner
         return ended
 
     def _event(self, index: int, future: asyncio.Future[Any], log: Any) -> dict[str, Any] | None:
@@ -142,6 +153,8 @@ class PredictionBatchTrigger(PredictionTrigger):
     :param enough: Fire once this many predictions ended (or all of them did).
     :param hold: Fire at the latest this many seconds after the first prediction ended (``None``: no limit).
     :param cancel_on_kill: Cancel the running predictions when a person stops the task (Airflow >= 3.3).
+    :param not_before: Epoch before which the trigger does not fire (``None``: no floor), see
+        ``airflow_comet.operators.batch.MIN_DEFERRAL``.
     :param progress: Counts of the whole batch (``total``, ``succeeded``, ``failed``, ``waiting``,
         ``started_at``) for the progress lines.
     :param state: The task's own state between resumes, handed back in the event as it is. It travels with
@@ -160,6 +173,7 @@ class PredictionBatchTrigger(PredictionTrigger):
         cancel_on_kill: bool = True,
         progress: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
+        not_before: float | None = None,
     ) -> None:
         BaseTrigger.__init__(self)
         self.running = [[int(index), str(pid), float(created)] for index, pid, created in running]
@@ -171,6 +185,7 @@ class PredictionBatchTrigger(PredictionTrigger):
         self.cancel_on_kill = cancel_on_kill
         self.progress = dict(progress or {})
         self.state = state
+        self.not_before = float(not_before) if not_before is not None else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -185,6 +200,7 @@ class PredictionBatchTrigger(PredictionTrigger):
                 "cancel_on_kill": self.cancel_on_kill,
                 "progress": self.progress,
                 "state": self.state,
+                "not_before": self.not_before,
             },
         )
 
@@ -195,7 +211,9 @@ class PredictionBatchTrigger(PredictionTrigger):
             collector = EndCollector(self.cometapi_conn_id, poll_interval=self.poll_interval, end_time=self.end_time)
             for index, prediction_id, created in self.running:
                 collector.follow(index, prediction_id, created)
-            ended = await collector.wait(self.enough, self.hold, log=self.log, on_progress=self._progress_logger())
+            ended = await collector.wait(
+                self.enough, self.hold, log=self.log, on_progress=self._progress_logger(), not_before=self.not_before
+            )
             self.log.info("%d of %d running predictions ended; resuming the task", len(ended), len(self.running))
             yield TriggerEvent(
                 {"status": "ended", "ended": [[index, event] for index, event in sorted(ended.items())], "state": self.state}
