@@ -50,6 +50,14 @@ class CometAPIResponseError(CometAPIError):
         self.retry_after = retry_after
 
 
+class CometAPIRetryLaterError(CometAPIResponseError):
+    """CometAPI asked to wait (429 ``Retry-After``) longer than the caller waits in place.
+
+    Raised instead of sleeping when the request was made with a ``longest_sleep``: the operator then waits
+    in the triggerer and sends the request again, so a rate-limit storm does not hold worker slots.
+    """
+
+
 class CometAPIAuthError(CometAPIResponseError):
     """401/403: the key is missing, wrong, revoked, or not allowed for this model."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import pytest
@@ -233,3 +234,50 @@ def test_local_image_is_sent_as_a_data_uri(sim, tmp_path):
     assert sent.startswith("data:image/png;base64,")
     # XCom keeps the prediction small: the echoed data: URI is elided there.
     assert len(xcom(dr, "edit", "prediction")["input"]["input_image"]) < 200
+
+
+class _TaskInstance:
+    """What execute() needs of a task instance outside a run: somewhere to push XComs."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, object] = {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.pushed[key] = value
+
+
+def test_a_long_retry_after_on_create_waits_in_the_triggerer_not_the_worker(sim):
+    """A 429 whose Retry-After is longer than a few seconds defers (TimeDeltaTrigger) instead of sleeping in
+    the worker, then creates on resume: one prediction, and no worker slot held through a rate-limit storm."""
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    sim.set_faults(Faults(durations=0.3, rate_limit_429=1, retry_after=30))
+    operator = CreatePredictionOperator(task_id="c", model=FLUX, input={"prompt": "x"}, deferrable=True)
+    ti = _TaskInstance()
+    started = time.monotonic()
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": ti})
+    assert time.monotonic() - started < 5  # told to wait 30 s: not slept here
+    assert deferred.value.method_name == "create_after_wait" and deferred.value.kwargs == {"create_waits": 1}
+    from datetime import timezone
+
+    waits = (deferred.value.trigger.moment - datetime.now(timezone.utc)).total_seconds()
+    assert 28 <= waits <= 31.5
+    assert sim.creates() == [] or all(r.status == 429 for r in sim.creates())
+
+    prediction_id = operator.create_after_wait({"ti": ti}, event=None, create_waits=1)
+    made = [r for r in sim.creates() if r.status < 300]
+    assert [r.prediction_id for r in made] == [prediction_id]
+
+
+def test_a_run_whose_create_waits_out_a_429_in_the_triggerer_creates_once(sim):
+    sim.set_faults(Faults(durations=0.3, rate_limit_429=1, retry_after=6))
+    with dag("t_429_defer") as d:
+        CreatePredictionOperator(
+            task_id="gen", model=FLUX, input={"prompt": "a boat"}, wait_for_completion=True, deferrable=True
+        )
+    dr = run(d)
+    assert states(dr) == {"gen": "success"}
+    made = [r for r in sim.creates() if r.status < 300]
+    assert [r.prediction_id for r in made] == [xcom(dr, "gen")]
+    assert [r.status for r in sim.creates()][0] == 429

@@ -73,11 +73,19 @@ class _CometAPIDecoratedOperator(DecoratedOperator, CreatePredictionOperator):
         self.input = SET_DURING_EXECUTION
 
     def execute(self, context: Context) -> Any:
+        self._call_function(context)
+        # DecoratedOperator.execute, then CreatePredictionOperator.execute: create, then wait or defer.
+        return super().execute(context)
+
+    def create_after_wait(self, context: Context, event: Any = None, create_waits: int = 0) -> Any:
+        # Resumed after waiting out a 429 in the triggerer, before anything was created: the input again.
+        self._call_function(context)
+        return super().create_after_wait(context, event, create_waits)
+
+    def _call_function(self, context: Context) -> None:
         context_merge(context, self.op_kwargs)
         kwargs = determine_kwargs(self.python_callable, self.op_args, context)
         self.input = self._model_input(self.python_callable(*self.op_args, **kwargs))
-        # DecoratedOperator.execute, then CreatePredictionOperator.execute: create, then wait or defer.
-        return super().execute(context)
 
     def _model_input(self, value: Any) -> dict[str, Any]:
         """The function's return value if it can be sent as the model input; a clear error otherwise."""

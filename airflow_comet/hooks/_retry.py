@@ -21,7 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from airflow_comet.exceptions import CometAPIAmbiguousCreateError, CometAPIError, CometAPITransportError
+from airflow_comet.exceptions import (
+    CometAPIAmbiguousCreateError,
+    CometAPIError,
+    CometAPIRetryLaterError,
+    CometAPITransportError,
+)
 
 T = TypeVar("T")
 
@@ -34,12 +39,15 @@ class RetryPolicy:
     :param backoff_base: First backoff in seconds; doubles each retry, with full jitter.
     :param backoff_max: Upper bound for one exponential backoff.
     :param max_retry_wait: Upper bound for a server-requested ``Retry-After``.
+    :param longest_sleep: A server-requested wait longer than this is not slept here: the error is raised
+        as :class:`~airflow_comet.exceptions.CometAPIRetryLaterError`, for a caller that waits elsewhere.
     """
 
     max_retries: int = 6
     backoff_base: float = 1.0
     backoff_max: float = 30.0
     max_retry_wait: float = 60.0
+    longest_sleep: float | None = None
 
     def should_retry(self, error: BaseException, *, idempotent: bool) -> bool:
         if not isinstance(error, CometAPIError) or not error.retryable:
@@ -77,6 +85,11 @@ class RetryPolicy:
                 raise error
             raise final from error
         delay = self.delay(attempt, error)
+        retry_after = getattr(error, "retry_after", None)
+        if self.longest_sleep is not None and retry_after is not None and retry_after > self.longest_sleep:
+            raise CometAPIRetryLaterError(
+                str(error), status_code=error.status_code, code=error.code, retryable=True, retry_after=delay
+            ) from error
         logger.warning("%s failed (%s); retry %d of %d in %.2f s", what, error, attempt, self.max_retries, delay)
         return delay
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import json
 import logging
@@ -406,15 +408,25 @@ class CometAPIHook(BaseHook):
     # -- the API ----------------------------------------------------------------------------------------
 
     def create_prediction(
-        self, model: str, input: Mapping[str, Any], *, prefer_wait: int | None = None
+        self,
+        model: str,
+        input: Mapping[str, Any],
+        *,
+        prefer_wait: int | None = None,
+        longest_sleep: float | None = None,
     ) -> dict[str, Any]:
         """Start a prediction of ``model`` (``owner/name``) with ``input``; return the prediction object.
 
         :param prefer_wait: Ask the server to hold the answer up to this many seconds (``Prefer: wait``)
             so a fast prediction comes back finished; harmless where the server ignores it.
+        :param longest_sleep: Raise :class:`~airflow_comet.exceptions.CometAPIRetryLaterError` instead of
+            sleeping when CometAPI asks to wait longer than this (the caller waits elsewhere).
         """
         path, body, headers, hold = self._create_request(model, input, prefer_wait)
-        return self._request("POST", path, body=body, idempotent=False, headers=headers, hold=hold)
+        policy = None
+        if longest_sleep is not None:
+            policy = dataclasses.replace(self.retry_policy(self.settings), longest_sleep=longest_sleep)
+        return self._request("POST", path, body=body, idempotent=False, headers=headers, hold=hold, policy=policy)
 
     async def acreate_prediction(
         self, model: str, input: Mapping[str, Any], *, prefer_wait: int | None = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_comet import resume
-from airflow_comet.exceptions import CometAPINotFoundError, CometAPIResponseError
+from airflow_comet.exceptions import CometAPINotFoundError, CometAPIResponseError, CometAPIRetryLaterError
 from airflow_comet.file_inputs import FILE_INPUT_KEYS, file_input_paths, resolve_file_inputs
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.links import PredictionLink
@@ -25,6 +25,12 @@ from airflow_comet.validation import (
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+
+#: A deferrable create that CometAPI asks to wait longer than this (429 ``Retry-After``) waits in the
+#: triggerer instead of its worker: a rate-limit storm must not hold every worker slot.
+LONGEST_SLEEP_IN_WORKER = 5.0
+#: How many times in a row one task waits out a ``Retry-After`` in the triggerer before the 429 fails it.
+MAX_CREATE_WAITS = 20
 
 
 class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
@@ -118,12 +124,24 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         return CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
 
     def execute(self, context: Context) -> str:
+        return self._execute(context, create_waits=0)
+
+    def create_after_wait(self, context: Context, event: Any = None, create_waits: int = 0) -> str:
+        """Resume after waiting out CometAPI's ``Retry-After`` in the triggerer: create (or resume) now."""
+        return self._execute(context, create_waits=create_waits)
+
+    def _execute(self, context: Context, *, create_waits: int) -> str:
         model = validate_model(self.model)
         # Local or object-storage images become data: URIs first: they are not JSON, and the resume
         # fingerprint should cover the file's content, not its name.
         raw = self.input
         payload = validate_input(resolve_file_inputs(raw) if isinstance(raw, Mapping) else raw)
-        prediction = self._resume_or_create(context, model, payload)
+        try:
+            prediction = self._resume_or_create(context, model, payload)
+        except CometAPIRetryLaterError as error:
+            if create_waits >= MAX_CREATE_WAITS:
+                raise
+            self._wait_in_triggerer(error, create_waits)
         self.prediction_id = prediction["id"]
         self._push_link(context, prediction)
         if not self.wait_for_completion:
@@ -157,6 +175,23 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         self._push_link(context, prediction)
         return prediction["id"]
 
+    def _wait_in_triggerer(self, error: CometAPIRetryLaterError, create_waits: int) -> None:
+        from datetime import timedelta
+
+        try:
+            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+        except ImportError:  # Airflow 2 without the standard provider
+            from airflow.triggers.temporal import TimeDeltaTrigger  # type: ignore[no-redef]
+
+        delay = float(error.retry_after or LONGEST_SLEEP_IN_WORKER)
+        self.log.info("CometAPI asked to wait %.0f s before creating (%s); waiting in the triggerer", delay, error)
+        self.defer(
+            trigger=TimeDeltaTrigger(timedelta(seconds=delay)),
+            method_name="create_after_wait",
+            kwargs={"create_waits": create_waits + 1},
+            timeout=None,
+        )
+
     def _resume_or_create(self, context: Context, model: str, payload: dict[str, Any]) -> dict[str, Any]:
         digest = resume.fingerprint(self.cometapi_conn_id, model, payload)
         earlier = resume.recall(context, digest) if self.resume else None
@@ -177,7 +212,9 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
 
         self.log.info("Creating a prediction of %s", model)
         started = time.monotonic()
-        prediction = self.hook.create_prediction(model, payload, prefer_wait=self.prefer_wait)
+        prediction = self.hook.create_prediction(
+            model, payload, prefer_wait=self.prefer_wait, longest_sleep=LONGEST_SLEEP_IN_WORKER if self.deferrable else None
+        )
         self.log.info(
             "Created prediction %s (status %s) in %.2f s",
             prediction.get("id"),

@@ -1,8 +1,7 @@
 """Scenario 6: a batch of mapped predictions (100 by default; the run's conf `n` changes it).
 
-The creates run in the pool `cometapi` (the test makes it with fewer slots than the executor's parallelism,
-deferred tasks not counted): under a long 429 storm each create holds its worker while it waits, and a
-LocalExecutor whose every worker is held stalls its scheduler (see docs/reliability.md, scenario 6).
+No pool: a create that CometAPI tells to wait longer than a few seconds waits in the triggerer, not in its
+worker, so a long 429 storm holds no LocalExecutor worker (docs/reliability.md, scenario 6; limit 7 is gone).
 """
 
 from __future__ import annotations
@@ -45,5 +44,4 @@ with DAG(
         retries=3,
         retry_delay=timedelta(seconds=5),
         max_active_tis_per_dag=200,
-        pool="cometapi",
     ).expand(input=prompts())
