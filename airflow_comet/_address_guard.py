@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Union
+from typing import Any, ClassVar
 from urllib.parse import SplitResult, urlsplit
 
 from requests.adapters import HTTPAdapter
@@ -39,8 +39,8 @@ from urllib3.util.connection import allowed_gai_family, create_connection
 
 __all__ = ["AddressPolicy", "AddressRefused", "GuardedAdapter", "parse_allowed_hosts"]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAME_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -263,7 +263,7 @@ class _GuardedConnectionMixin:
                     source_address=conn.source_address,
                     socket_options=conn.socket_options,
                 )
-            except socket.timeout as e:
+            except TimeoutError as e:
                 error = ConnectTimeoutError(
                     conn, f"Connection to {conn.host} ({address}) timed out. (connect timeout={conn.timeout})"
                 )
@@ -300,7 +300,7 @@ class GuardedAdapter(HTTPAdapter):
     requests sends every redirect hop through the adapter again, so each hop is checked.
     """
 
-    __attrs__ = [*HTTPAdapter.__attrs__, "policy"]
+    __attrs__: ClassVar[list[str]] = [*HTTPAdapter.__attrs__, "policy"]
 
     def __init__(self, policy: AddressPolicy, **kwargs: Any) -> None:
         self.policy = policy

@@ -97,7 +97,9 @@ def _file_format(location: Any) -> str:
         return "jsonl"
     if name.endswith(_CSV_SUFFIXES):
         return "csv"
-    raise ValueError(f"inputs file {text[:120]!r} must end in .jsonl, .ndjson or .csv (one model input per line or row)")
+    raise ValueError(
+        f"inputs file {text[:120]!r} must end in .jsonl, .ndjson or .csv (one model input per line or row)"
+    )
 
 
 def _read_file(location: Any) -> list[Any]:
@@ -109,7 +111,7 @@ def _read_file(location: Any) -> list[Any]:
             data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ValueError(f"inputs file {shown} does not exist") from None
-    except Exception as error:  # an unknown scheme, a missing connection: fsspec raises many types
+    except Exception as error:  # noqa: BLE001 - an unknown scheme, a missing connection: fsspec raises many types
         raise ValueError(f"cannot read inputs file {shown} through Airflow object storage: {error}") from None
     if len(data) > MAX_FILE_BYTES:
         raise ValueError(f"inputs file {shown} is over {MAX_FILE_BYTES} bytes; split the batch")

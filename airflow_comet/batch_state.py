@@ -145,8 +145,14 @@ class BatchState:
             return None
         self.logged_at, self.logged_step = reporter.last_at, reporter.last_step
         succeeded = self.succeeded
-        return progress_line(self.total, succeeded, len(self.done) - succeeded, len(self.running),
-                             0 if self.halted else self.waiting, now - self.started_at)
+        return progress_line(
+            self.total,
+            succeeded,
+            len(self.done) - succeeded,
+            len(self.running),
+            0 if self.halted else self.waiting,
+            now - self.started_at,
+        )
 
     def halt(self, reason: str) -> None:
         if self.halted is None:
@@ -172,8 +178,13 @@ class BatchState:
                 "metrics": {"predict_time": predict_time},
             }
             files = [
-                {"path": str(folder / f"{prediction_id}-{position}.{extension}"), "size": size, "sha256": sha256,
-                 "content_type": content_type, "index": position}
+                {
+                    "path": str(folder / f"{prediction_id}-{position}.{extension}"),
+                    "size": size,
+                    "sha256": sha256,
+                    "content_type": content_type,
+                    "index": position,
+                }
                 for position, (extension, size, sha256, content_type) in enumerate(kept)
             ]
             rows.append(outcome_row(index, model_input, prediction, files, error=error, attempts=attempts))
@@ -210,4 +221,3 @@ class ProgressLog:
             self.last_at, self.last_step = now, step
             return True
         return False
-

@@ -109,7 +109,9 @@ async def create_items(
             except CometAPIError as error:
                 log.warning("Could not cancel prediction %s: %s", prediction_id, error)
             return Created(
-                index, attempts + 1, fatal=True,
+                index,
+                attempts + 1,
+                fatal=True,
                 error=f"the id of its prediction {prediction_id} could not be saved in the task state store, so "
                 "that prediction was cancelled (a retry of the task could not have found it)",
             )
@@ -191,11 +193,11 @@ def cancel_all(hook: CometAPIHook, prediction_ids: Sequence[str], *, log: Any) -
     if not prediction_ids:
         return {}
     try:
-        hook.session  # built once here, not by several threads at once
+        hook.session  # noqa: B018 - built once here, not by several threads at once
     except Exception as error:  # noqa: BLE001 - e.g. the connection is gone: each cancel says so below
         log.warning("Cancelling may fail: %s", error)
     with ThreadPoolExecutor(max_workers=min(8, len(prediction_ids)), thread_name_prefix="comet-cancel") as pool:
-        return dict(zip(prediction_ids, pool.map(one, prediction_ids)))
+        return dict(zip(prediction_ids, pool.map(one, prediction_ids), strict=True))
 
 
 def created_at(prediction: Mapping[str, Any]) -> float:
@@ -229,13 +231,20 @@ def settle(
         elif status == "timeout":
             to_cancel.append((index, attempts, prediction, event.get("message")))
         elif status in _RETRIED and event.get("retry", True) and attempts <= item_retries and not state.halted:
-            log.warning("Item #%d: %s; creating it again (attempt %d of %d)", index, event.get("message"), attempts + 1,
-                        item_retries + 1)
+            log.warning(
+                "Item #%d: %s; creating it again (attempt %d of %d)",
+                index,
+                event.get("message"),
+                attempts + 1,
+                item_retries + 1,
+            )
             state.queue.append([index, attempts])
         else:
             # The prediction's own status when it ended (aborted stays aborted), else how the wait ended.
             own = (prediction or {}).get("status")
-            row_status = own if status in ("failed", "canceled") and own in ("failed", "canceled", "aborted") else status
+            row_status = (
+                own if status in ("failed", "canceled") and own in ("failed", "canceled", "aborted") else status
+            )
             error = (prediction or {}).get("error") or event.get("message")
             log.warning("Item #%d ended %s: %s", index, row_status, error)
             state.finish(index, str(row_status or "error"), prediction, attempts, error=str(error) if error else None)
@@ -245,8 +254,13 @@ def settle(
         files = results[index]
         if isinstance(files, Exception):
             log.warning("Item #%d: saving the outputs of prediction %s failed: %s", index, prediction["id"], files)
-            state.finish(index, "error", prediction, attempts,
-                         error=f"the prediction succeeded but saving its outputs failed: {files}")
+            state.finish(
+                index,
+                "error",
+                prediction,
+                attempts,
+                error=f"the prediction succeeded but saving its outputs failed: {files}",
+            )
         else:
             state.finish(index, "succeeded", prediction, attempts, files=files)
 

@@ -127,11 +127,10 @@ class _Progress(threading.Thread):
 
 def _task_states(dag_id: str) -> dict[str, Counter[str]]:
     """``{task_id: Counter(state)}`` of the newest run of ``dag_id``, in the order tasks first appear."""
-    from sqlalchemy import select
-
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         run_id = session.scalar(
@@ -169,7 +168,9 @@ def main() -> int:
         terminal.write(f"  CometAPI:      {target}\n")
         terminal.write(f"  pipeline:      {DAG_ID}, {prompts} prompts from {PROMPTS.relative_to(REPO)}\n")
         if paid:
-            terminal.write(f"  This creates {prompts} predictions of {MODEL} on your CometAPI account: it costs money.\n")
+            terminal.write(
+                f"  This creates {prompts} predictions of {MODEL} on your CometAPI account: it costs money.\n"
+            )
         terminal.write(f"  Airflow's log: {log_path}\n\n")
         dag = _load_dag()
         started = time.monotonic()

@@ -116,9 +116,7 @@ def _read(value: Any, key: str, max_bytes: int) -> tuple[bytes, str]:
         raise ValueError(
             f"{key} must be an http(s) URL, a data: URI, an absolute path or a file:// URL, got {text[:80]!r}"
         )
-    raise ValueError(
-        f"{key} must be a URL, a data: URI, a path or an ObjectStoragePath, got {type(value).__name__}"
-    )
+    raise ValueError(f"{key} must be a URL, a data: URI, a path or an ObjectStoragePath, got {type(value).__name__}")
 
 
 def _read_local(path: str, key: str, max_bytes: int) -> tuple[bytes, str]:
@@ -151,7 +149,7 @@ def _read_storage(path: ObjectStoragePath, key: str, max_bytes: int) -> tuple[by
             problem = "is a directory, not an image file" if path.exists() else "does not exist"
     except FileNotFoundError:
         problem = "does not exist"
-    except Exception as error:  # an unknown scheme or a missing connection: fsspec raises many types
+    except Exception as error:  # noqa: BLE001 - an unknown scheme or a missing connection: fsspec raises many types
         raise ValueError(f"{key}: cannot read {shown} through Airflow object storage: {error}") from None
     if problem:
         raise ValueError(f"{key}: {shown} {problem}")
@@ -182,5 +180,5 @@ def _file_url_path(url: str, key: str) -> str:
 def _storage_path(url: str, key: str) -> ObjectStoragePath:
     try:
         return ObjectStoragePath(url)
-    except Exception as error:  # an unknown scheme: fsspec/Airflow raise various types
+    except Exception as error:  # noqa: BLE001 - an unknown scheme: fsspec/Airflow raise various types
         raise ValueError(f"{key}: cannot open {url[:80]!r} through Airflow object storage: {error}") from None

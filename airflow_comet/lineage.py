@@ -31,7 +31,7 @@ class CometAPIPredictionRunFacet(RunFacet):
     """The CometAPI model a run used and the predictions it made or read."""
 
     model: str | None
-    predictionIds: list[str]  # noqa: N815 - OpenLineage facets use camelCase field names
+    predictionIds: list[str]
 
     @staticmethod
     def _get_schema() -> str:

@@ -92,7 +92,7 @@ def pipeline_rows(
         ]
 
     rows = []
-    for index, (model_input, prediction) in enumerate(zip(inputs, matched)):
+    for index, (model_input, prediction) in enumerate(zip(inputs, matched, strict=True)):
         files = files_by_id.get(str(prediction.get("id")), []) if prediction else []
         error = None if prediction else "no finished prediction: its create or wait task failed (see that task's log)"
         rows.append(outcome_row(index, model_input, prediction, files, error=error))

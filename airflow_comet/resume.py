@@ -47,7 +47,7 @@ def recall(context: Any, digest: str) -> str | None:
         return None
     try:
         record = store.get(STATE_KEY)
-    except Exception:  # noqa: BLE001 - resuming is an optimisation; never fail the task over it
+    except Exception:
         log.warning("Could not read the task state store; a new prediction will be created", exc_info=True)
         return None
     if isinstance(record, dict) and record.get("fingerprint") == digest and isinstance(record.get("id"), str):
@@ -62,7 +62,7 @@ def remember(context: Any, prediction_id: str, digest: str) -> bool:
         return False
     try:
         store.set(STATE_KEY, {"id": prediction_id, "fingerprint": digest})
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.warning("Could not save prediction %s in the task state store", prediction_id, exc_info=True)
         return False
     return True
@@ -151,9 +151,13 @@ class BatchLedger:
                 entries = self._load(chunk)
                 entries[str(index)] = [prediction_id, digest]
                 self._store.set(f"{BATCH_KEY}.{chunk}", entries)
-            except Exception:  # noqa: BLE001 - the batch goes on; only a retry's reuse is lost
-                log.warning("Could not save prediction %s of item %d in the task state store", prediction_id, index,
-                            exc_info=True)
+            except Exception:
+                log.warning(
+                    "Could not save prediction %s of item %d in the task state store",
+                    prediction_id,
+                    index,
+                    exc_info=True,
+                )
                 return False
         return True
 
@@ -162,9 +166,10 @@ class BatchLedger:
         if entries is None:
             try:
                 stored = self._store.get(f"{BATCH_KEY}.{chunk}")
-            except Exception:  # noqa: BLE001 - as recall(): never fail the task over it
-                log.warning("Could not read the task state store; earlier ids of this batch are not reused",
-                            exc_info=True)
+            except Exception:
+                log.warning(
+                    "Could not read the task state store; earlier ids of this batch are not reused", exc_info=True
+                )
                 stored = None
             entries = dict(stored) if isinstance(stored, dict) else {}
             self._chunks[chunk] = entries

@@ -118,9 +118,7 @@ class PredictionWaitMixin:
                 self.log.info("Prediction %s is %s", prediction["id"], outcome.new_status)
         return outcome.event
 
-    def _trigger(
-        self, prediction: dict[str, Any], end_time: float | None
-    ) -> PredictionTrigger:
+    def _trigger(self, prediction: dict[str, Any], end_time: float | None) -> PredictionTrigger:
         return PredictionTrigger(
             prediction_id=prediction["id"],
             cometapi_conn_id=self.cometapi_conn_id,

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowTaskTimeout, BaseOperator, conf
 
@@ -90,7 +90,7 @@ class PredictionBatchOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("model", "inputs", "destination", "destination_conn_id")
-    template_fields_renderers = {"inputs": "json"}
+    template_fields_renderers: ClassVar[dict[str, str]] = {"inputs": "json"}
     ui_color = "#e8e4fb"
 
     def __init__(
@@ -149,13 +149,19 @@ class PredictionBatchOperator(BaseOperator):
         inputs = load_inputs(self.inputs)
         end_time, task_timeout = PredictionWaitMixin._deadline(self, context, self.timeout)  # type: ignore[arg-type]
         state = BatchState(
-            total=len(inputs), digest=inputs_digest(inputs), started_at=time.time(), end_time=end_time,
+            total=len(inputs),
+            digest=inputs_digest(inputs),
+            started_at=time.time(),
+            end_time=end_time,
             task_timeout=task_timeout,
         )
         ledger = BatchLedger(context)
         earlier = ledger.recall(state.total)
         self.log.info(
-            "Batch of %d predictions of %s, at most %d at once%s", state.total, model, self.max_in_flight,
+            "Batch of %d predictions of %s, at most %d at once%s",
+            state.total,
+            model,
+            self.max_in_flight,
             f"; {len(earlier)} started by an earlier try" if earlier else "",
         )
         if not ledger.supported:
@@ -222,7 +228,12 @@ class PredictionBatchOperator(BaseOperator):
         try:
             while True:
                 settle(
-                    state, outcomes, inputs, folder, item_retries=self.item_retries, log=self.log,
+                    state,
+                    outcomes,
+                    inputs,
+                    folder,
+                    item_retries=self.item_retries,
+                    log=self.log,
                     addresses=address_policy_for(self.cometapi_conn_id, self.log),
                     cancel=(lambda ids: cancel_all(self.hook, ids, log=self.log)) if self.cancel_on_kill else None,
                 )
@@ -266,8 +277,10 @@ class PredictionBatchOperator(BaseOperator):
         """Create items into the free places; the outcomes of those that ended at once (or failed to start)."""
         if not await asyncio.to_thread(ledger.writable):
             # What this try created now could be found by no retry (see BatchLedger.writable): stop creating.
-            state.halt("the task state store cannot be written (Airflow may already run another try of this task), "
-                       "and a prediction whose id it cannot keep could be paid for twice")
+            state.halt(
+                "the task state store cannot be written (Airflow may already run another try of this task), "
+                "and a prediction whose id it cannot keep could be paid for twice"
+            )
             return []
         items = []
         while len(state.running) + len(items) < self.max_in_flight and (taken := state.take()) is not None:
@@ -278,8 +291,13 @@ class PredictionBatchOperator(BaseOperator):
             if prediction is None:
                 if created.fatal:
                     state.halt(created.error or "creating predictions failed")
-                event = {"status": "error", "prediction_id": None, "prediction": None, "message": created.error,
-                         "retry": created.retryable}
+                event = {
+                    "status": "error",
+                    "prediction_id": None,
+                    "prediction": None,
+                    "message": created.error,
+                    "retry": created.retryable,
+                }
                 outcomes.append((created.index, created.attempts, event))
             elif is_terminal(prediction):
                 event = terminal_event(prediction["id"], prediction)
@@ -291,7 +309,9 @@ class PredictionBatchOperator(BaseOperator):
     async def _wait_here(self, state: BatchState) -> dict[int, dict[str, Any]]:
         """Wait in the worker: the trigger's collector, refilled as soon as one prediction ends."""
         if self._collector is None:
-            self._collector = EndCollector(self.cometapi_conn_id, poll_interval=self.poll_interval, end_time=state.end_time)
+            self._collector = EndCollector(
+                self.cometapi_conn_id, poll_interval=self.poll_interval, end_time=state.end_time
+            )
         for index, prediction_id, created, _ in state.running:
             if index not in self._collector:
                 self._collector.follow(index, prediction_id, created)
@@ -335,8 +355,10 @@ class PredictionBatchOperator(BaseOperator):
             message = str(event.get("message") or "the batch's trigger failed")
             self.on_kill()
             state.halt(message)
-            ended = {row[0]: {"status": "error", "prediction_id": row[1], "prediction": None, "message": message}
-                     for row in state.running}
+            ended = {
+                row[0]: {"status": "error", "prediction_id": row[1], "prediction": None, "message": message}
+                for row in state.running
+            }
         else:
             ended = {int(index): item for index, item in event.get("ended") or []}
         return [(index, state.stop(index)[2], item) for index, item in sorted(ended.items())]
@@ -368,7 +390,6 @@ class PredictionBatchOperator(BaseOperator):
             context["ti"].xcom_push(key="return_value", value=rows)
             raise
         return rows
-
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage: one output dataset per file written, the model and every prediction as run facets."""

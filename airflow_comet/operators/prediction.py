@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
@@ -68,7 +68,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
 
     template_fields: Sequence[str] = ("model", "input")
     _returns = "id"  # the trigger's return value when it ends the task (end_from_trigger)
-    template_fields_renderers = {"input": "json"}
+    template_fields_renderers: ClassVar[dict[str, str]] = {"input": "json"}
     ui_color = "#e8e4fb"
     operator_extra_links = (PredictionLink(),)
 
@@ -213,7 +213,10 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         self.log.info("Creating a prediction of %s", model)
         started = time.monotonic()
         prediction = self.hook.create_prediction(
-            model, payload, prefer_wait=self.prefer_wait, longest_sleep=LONGEST_SLEEP_IN_WORKER if self.deferrable else None
+            model,
+            payload,
+            prefer_wait=self.prefer_wait,
+            longest_sleep=LONGEST_SLEEP_IN_WORKER if self.deferrable else None,
         )
         self.log.info(
             "Created prediction %s (status %s) in %.2f s",

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import time
 import dataclasses
+import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from airflow import __version__ as AIRFLOW_VERSION
 from airflow.providers.common.compat.sdk import (
     AirflowSensorTimeout,
     AirflowSkipException,
     BaseSensorOperator,
     conf,
 )
-from airflow import __version__ as AIRFLOW_VERSION
 from airflow.triggers.base import StartTriggerArgs
 
 from airflow_comet.exceptions import CometAPIError, PredictionFailedError
@@ -161,6 +161,7 @@ class PredictionSensor(PredictionWaitMixin, BaseSensorOperator):
             kwargs={"deadline_is_task_timeout": is_task_timeout},
             timeout=None,
         )
+        return None  # not reached: defer() raises
 
     def poke(self, context: Context) -> bool | Any:
         """One status check (poke and reschedule modes); transient errors only mean "not yet"."""

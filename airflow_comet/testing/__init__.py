@@ -16,4 +16,4 @@ from airflow_comet.testing.models import DEFAULT_MODELS, ModelSpec
 from airflow_comet.testing.simulator import CometAPISimulator
 from airflow_comet.testing.state import RequestRecord
 
-__all__ = ["CometAPISimulator", "DEFAULT_MODELS", "Faults", "MODEL_DEFAULT", "ModelSpec", "RequestRecord"]
+__all__ = ["DEFAULT_MODELS", "MODEL_DEFAULT", "CometAPISimulator", "Faults", "ModelSpec", "RequestRecord"]

@@ -13,9 +13,9 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-__all__ = ["MODEL_DEFAULT", "BODY_FAULT_ENDPOINTS", "DurationSpec", "Faults", "draw_duration"]
+__all__ = ["BODY_FAULT_ENDPOINTS", "MODEL_DEFAULT", "DurationSpec", "Faults", "draw_duration"]
 
 #: ``durations`` value meaning "use the model's own default duration".
 MODEL_DEFAULT = "default"
@@ -26,7 +26,7 @@ BODY_FAULT_ENDPOINTS = ("create", "status", "cancel")
 #: How long a prediction runs: seconds, a ``(min, max)`` uniform range, a callable returning seconds
 #: (called with no arguments or with ``(model, input)``), ``None``/``inf`` for "never finishes", or
 #: :data:`MODEL_DEFAULT`.
-DurationSpec = Union[float, int, tuple[float, float], Callable[..., Any], None, str]
+DurationSpec = float | int | tuple[float, float] | Callable[..., Any] | None | str
 
 _RATE_FIELDS = ("fail_rate", "poll_5xx_rate", "html_rate", "truncated_json_rate")
 

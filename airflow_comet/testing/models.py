@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from airflow_comet.testing.faults import DurationSpec
 from airflow_comet.testing.images import ASPECT_RATIOS, CONTENT_TYPES
@@ -35,7 +35,7 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
     "black-forest-labs/flux-kontext-pro": ModelSpec(duration=(4.0, 10.0), image_input=True),
 }
 
-ModelsArg = Union[Mapping[str, Union[ModelSpec, DurationSpec]], Iterable[str], None]
+ModelsArg = Mapping[str, ModelSpec | DurationSpec] | Iterable[str] | None
 
 
 def normalize_models(models: ModelsArg) -> dict[str, ModelSpec]:

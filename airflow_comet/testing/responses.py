@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["error_body", "error_response", "html_page", "json_response", "NOT_FOUND_HTML", "gateway_html"]
+__all__ = ["NOT_FOUND_HTML", "error_body", "error_response", "gateway_html", "html_page", "json_response"]
 
 
 def error_body(message: str, code: str, param: str = "") -> dict[str, Any]:
@@ -54,8 +54,8 @@ MOVED_HTML = (
 )
 
 CONSOLE_HTML = (
-    "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>CometAPI</title></head>"
-    "<body><div id=\"root\">CometAPI console (simulated). The API lives under /replicate/v1/.</div></body></html>"
+    '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>CometAPI</title></head>'
+    '<body><div id="root">CometAPI console (simulated). The API lives under /replicate/v1/.</div></body></html>'
 )
 
 _REASONS = {

@@ -106,7 +106,7 @@ class CometAPISimulator:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._serve())
-        except BaseException as exc:  # e.g. the port is taken: report it to start()
+        except BaseException as exc:  # noqa: BLE001 - e.g. the port is taken: report it to start()
             loop.run_until_complete(self._close())
             loop.close()
             ready.set_exception(exc)
@@ -278,4 +278,3 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             pass
-

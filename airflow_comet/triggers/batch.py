@@ -216,11 +216,15 @@ class PredictionBatchTrigger(PredictionTrigger):
             )
             self.log.info("%d of %d running predictions ended; resuming the task", len(ended), len(self.running))
             yield TriggerEvent(
-                {"status": "ended", "ended": [[index, event] for index, event in sorted(ended.items())], "state": self.state}
+                {
+                    "status": "ended",
+                    "ended": [[index, event] for index, event in sorted(ended.items())],
+                    "state": self.state,
+                }
             )
         except (asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as error:  # noqa: BLE001 - the task must hear about it, not the triggerer's log only
+        except Exception as error:
             self.log.exception("Waiting for the batch's predictions failed")
             message = f"Waiting for the batch's predictions failed: {error}"
             yield TriggerEvent({"status": "error", "message": message, "state": self.state})
@@ -263,7 +267,7 @@ class PredictionBatchTrigger(PredictionTrigger):
             answers = await asyncio.gather(
                 *(hook.acancel_prediction(pid) for _, pid, _ in self.running), return_exceptions=True
             )
-        for (_, pid, _), answer in zip(self.running, answers):
+        for (_, pid, _), answer in zip(self.running, answers, strict=True):
             if isinstance(answer, BaseException):
                 self.log.warning("Could not cancel prediction %s: %s", pid, answer)
             elif answer is not None:
