@@ -57,12 +57,6 @@ class RetryPolicy:
         # "Equal jitter": never less than half the ceiling, so retries do not collapse into a hot loop.
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
-    def passes_errors_through(self, *, idempotent: bool) -> bool:
-        """Whether applying this policy is one attempt whose error is raised as it is (no retry, and no
-        create whose error :func:`final_error` could turn ambiguous): a hot path may then make that attempt
-        itself, without the loop."""
-        return self.max_retries <= 0 and idempotent
-
     def after_failure(
         self, error: CometAPIError, attempt: int, *, idempotent: bool, logger: logging.Logger, what: str
     ) -> float:

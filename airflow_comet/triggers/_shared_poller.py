@@ -13,9 +13,9 @@ their predictions here:
   nearest tick moves a check by at most half a tick, as often earlier as later: the schedule's cadence,
   its requests and its detection latency stay what they were on average;
 - short-lived worker tasks send the queued checks, one each, each through a hook of its own (so
-  through the connection's shared pool of connections and request budget, with settings at most
+  through the connection's shared HTTP session and request budget, with settings at most
   ``SETTINGS_TTL`` old: a worker's hook is handed to the next worker until then, rather than a new hook
-  looking the connection up and taking a share of the pool per check), and give each answer to that
+  looking the connection up and taking a share of the session per check), and give each answer to that
   prediction's own
   :class:`~airflow_comet.polling.PredictionPoller` (its :class:`Watch` is one), which decides exactly as in the
   worker's blocking wait.
@@ -46,7 +46,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from airflow_comet.exceptions import CometAPIError, CometAPITransportError
-from airflow_comet.hooks._per_loop import Registry, per_loop
+from airflow_comet.hooks._per_loop import per_loop
 from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks._settings_cache import settings_expire_at
 from airflow_comet.hooks.cometapi import CometAPIHook
@@ -174,7 +174,7 @@ class SharedPoller:
         self._callback_context = contextvars.Context()
         # Hooks of finished workers with the loop time their settings expire (those kept for the loop's
         # hooks, at most SETTINGS_TTL old), handed to the next workers until then. Each holds a share of the
-        # connection's pool, so its keep-alive connections survive the gaps between ticks.
+        # connection's session, so its keep-alive connections survive the gaps between ticks.
         self._idle_hooks: list[tuple[float, CometAPIHook]] = []
         self._settings: ConnectionSettings | None = None  # the last good lookup
 
@@ -314,7 +314,7 @@ class SharedPoller:
     async def _work(self) -> None:
         # A hook per worker at a time: its settings are looked up (from the per-loop cache) when it is made,
         # and it serves later workers only until those expire, so an edited connection reaches the checks
-        # within SETTINGS_TTL; a 401 makes a hook drop its settings and pool share, and such a hook is never
+        # within SETTINGS_TTL; a 401 makes a hook drop its settings and session share, and such a hook is never
         # handed on, so it touches no other worker's checks.
         hook, expires, expired = self._take_hook()
         lookup_error = None
@@ -324,10 +324,10 @@ class SharedPoller:
                 # Handed on only with settings of its own lookup, not the last good ones of a failed one.
                 expires = settings_expire_at(self.conn_id) if fresh else None
             if expired:
-                # Closed once this hook holds its share of the pool: closed first, they could be its last users
-                # and take the pool's keep-alive connections with them.
-                with contextlib.suppress(Exception):  # a pool that cannot be built fails the check, below
-                    await hook._aget_pool()
+                # Closed once this hook holds its share of the session: closed first, they could be its last
+                # users and take the session's keep-alive connections with them.
+                with contextlib.suppress(Exception):  # a session that cannot be opened fails the check, below
+                    await hook._alease()
                 for old in expired:
                     await old.aclose()
             while self._ready:
@@ -340,7 +340,7 @@ class SharedPoller:
                     continue
                 await self._check(hook, watch, lookup_error)
         finally:
-            if self._open and expires is not None and hook._settings is not None and hook._async_pool is not None:
+            if self._open and expires is not None and hook._settings is not None and hook._lease is not None:
                 self._idle_hooks.append((expires, hook))
             else:
                 await hook.aclose()
@@ -400,7 +400,7 @@ class SharedPoller:
         self._release_if_idle()
 
     def _release_if_idle(self) -> None:
-        """With nothing followed and no worker left, give the pool back and stop the timer."""
+        """With nothing followed and no worker left, give the session back and stop the timer."""
         if self._open or self._workers:
             return
         if self._timer is not None:
@@ -417,9 +417,6 @@ class SharedPoller:
             self._spawn(hook.aclose(), self._tasks.discard)
 
 
-_pollers: Registry[SharedPoller] = {}
-
-
 def shared_poller(conn_id: str) -> SharedPoller:
     """The poller every trigger of ``conn_id`` shares in the running event loop."""
-    return per_loop(_pollers, conn_id, SharedPoller, conn_id)
+    return per_loop(("poller", conn_id), SharedPoller, conn_id)
