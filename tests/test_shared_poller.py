@@ -272,9 +272,7 @@ async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request
             watch.close()
 
 
-@pytest.mark.parametrize("task_takes_context", [True, False], ids=["create_task-context", "python-3.10-way"])
-async def test_checks_do_not_run_in_a_triggers_context(sim, monkeypatch, task_takes_context):
-    monkeypatch.setattr(_shared_poller, "_TASK_TAKES_CONTEXT", task_takes_context)
+async def test_checks_do_not_run_in_a_triggers_context(sim, monkeypatch):
     # Airflow routes a trigger's log lines by context variables: a check must not carry the context of
     # whichever trigger happened to start the workers.
     marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
@@ -466,8 +464,8 @@ async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_conn
 
 
 async def test_a_watch_keeps_what_it_hears_in_order_while_its_trigger_is_not_waiting():
-    watch = _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # no owner: never closed here
-    assert watch != _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # one follow(), not a value
+    watch = _shared_poller.Watch(None, PredictionPoller("p1", 0.0))  # no owner: never closed here
+    assert watch != _shared_poller.Watch(None, PredictionPoller("p1", 0.0))  # one follow(), not a value
     assert len({watch, watch}) == 1
     cancelled = watch.next_outcome()
     cancelled.cancel()  # as when the trigger's task is cancelled while it waits
