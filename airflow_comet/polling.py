@@ -32,16 +32,14 @@ YOUNG_GAP = 1.7
 KNEE = 10.0
 #: The first status check comes one young gap after creation (the create answer was the status before it),
 #: or ``poll_interval`` after it if that is shorter. Not sooner: a check at 1 s finds a prediction done only
-#: if it took under a second, and it cost every other prediction one more request (0.6 a prediction in the
-#: benchmark) without noticing any end sooner: the end of one that took longer is noticed within a gap of it
-#: either way.
+#: if it took under a second, and costs every other prediction one more request, while the end of one that
+#: took longer is noticed within a gap of it either way.
 FIRST_POLL_DELAY = YOUNG_GAP
 #: The gap between checks is never set under this, whatever ``poll_interval`` says (jitter moves each check a
 #: little either way).
 MIN_POLL_GAP = 1.0
 #: Past the knee the gap grows with the prediction's age (a fraction of it), up to ``poll_interval``: a
 #: 60 s prediction costs about a dozen status requests, a long one a request every ``poll_interval``.
-#: (benchmarks/ measures these against the http provider's fixed 5 s polling.)
 POLL_GROWTH = 0.45
 #: Jitter (a fraction of the delay) so that a mapped batch started together does not poll in lockstep.
 POLL_JITTER = 0.1

@@ -5,10 +5,8 @@ error); :func:`call_with_retries` (worker) and :func:`acall_with_retries` (trigg
 around it, so both paths retry exactly the same answers.
 
 Why not the http provider's retries: ``HttpHook.run_with_advanced_retry`` leaves the policy to the caller
-and ``HttpAsyncHook`` retries only 5xx, never 429 nor connection errors, and ignores ``Retry-After``. And why
-not tenacity, which those build on: a ``tenacity.AsyncRetrying`` costs about 55 us of CPU per request even
-when nothing fails, which a triggerer polling thousands of predictions pays on every status check
-(benchmarks/RESULTS.md); the loop below costs about 1 us.
+and ``HttpAsyncHook`` retries only 5xx, never 429 nor connection errors, and ignores ``Retry-After``. The
+loops themselves are a few lines, small enough not to need tenacity.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Connection settings looked up once per connection and event loop, then reused for a short while.
 
 Every trigger and every worker of the shared poller builds its own hook, and looking a connection up costs
-the triggerer about 0.7 ms of CPU and a hop to a worker thread (Airflow 3 asks its API server through the
-supervisor). A mapped batch starts
-hundreds of triggers in the same second, all for the same connection: without this, those lookups are the
-largest part of a trigger's start-up (benchmarks/RESULTS.md). Concurrent lookups of one connection share
+the triggerer a hop to a worker thread (Airflow 3 asks its API server through the supervisor). A mapped
+batch starts hundreds of triggers in the same second, all for the same connection: without this, each would
+look it up (and ask the API server or secrets backend) on its own. Concurrent lookups of one connection share
 one request, and its answer serves new hooks for :data:`SETTINGS_TTL` seconds, so an edited connection (a
 rotated key) reaches new triggers and status checks within that time. A failed lookup is never kept.
 
