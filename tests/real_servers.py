@@ -158,10 +158,11 @@ class Nginx(_Server):
     def log(self) -> Path:
         return self.dir / "error.log"
 
-    def connections(self) -> set[str]:
-        """The serial numbers of the connections requests came on (nginx writes a line per request)."""
+    def requests(self) -> list[tuple[str, str]]:
+        """``(connection serial number, request line)`` of each request so far (nginx writes a line per request
+        once it has answered it)."""
         lines = (self.dir / "access.log").read_text().splitlines()
-        return {line.split(" ", 1)[0] for line in lines if line}
+        return [tuple(line.split(" ", 1)) for line in lines if line]  # type: ignore[misc]
 
     def _start(self) -> subprocess.Popen[bytes]:
         temp = self.dir / "temp"
