@@ -1,7 +1,7 @@
 """Errors raised by the CometAPI hook, with the facts a person on call needs.
 
 Every error carries ``retryable`` so that the one retry policy (``hooks/_retry.py``) can decide without
-knowing which transport (requests, or the async ``_http1`` client) produced it. Messages never contain the
+knowing which transport (requests in the worker, aiohttp in the triggerer) produced it. Messages never contain the
 API key: they are built only from the status code, the content type, the API's own ``error`` envelope and the URL path.
 """
 

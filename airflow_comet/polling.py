@@ -7,7 +7,7 @@ The loops only do the I/O.
 
 from __future__ import annotations
 
-import marshal
+import copy
 import random
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -32,16 +32,14 @@ YOUNG_GAP = 1.7
 KNEE = 10.0
 #: The first status check comes one young gap after creation (the create answer was the status before it),
 #: or ``poll_interval`` after it if that is shorter. Not sooner: a check at 1 s finds a prediction done only
-#: if it took under a second, and it cost every other prediction one more request (0.6 a prediction in the
-#: benchmark) without noticing any end sooner: the end of one that took longer is noticed within a gap of it
-#: either way.
+#: if it took under a second, and costs every other prediction one more request, while the end of one that
+#: took longer is noticed within a gap of it either way.
 FIRST_POLL_DELAY = YOUNG_GAP
 #: The gap between checks is never set under this, whatever ``poll_interval`` says (jitter moves each check a
 #: little either way).
 MIN_POLL_GAP = 1.0
 #: Past the knee the gap grows with the prediction's age (a fraction of it), up to ``poll_interval``: a
 #: 60 s prediction costs about a dozen status requests, a long one a request every ``poll_interval``.
-#: (benchmarks/ measures these against the http provider's fixed 5 s polling.)
 POLL_GROWTH = 0.45
 #: Jitter (a fraction of the delay) so that a mapped batch started together does not poll in lockstep.
 POLL_JITTER = 0.1
@@ -90,7 +88,7 @@ class PollOutcome:
     problem: str | None = None
 
 
-@dataclass(slots=True)  # no __dict__: one object per waiting prediction for the garbage collector, not two
+@dataclass(slots=True)
 class PredictionPoller:
     """
     Follows one prediction from its status answers to a final event.
@@ -106,12 +104,11 @@ class PredictionPoller:
     started_at: float
     end_time: float | None = None
     poll_interval: float = 20.0
-    #: Jitter source; ``None`` uses the ``random`` module (a ``Random()`` each would cost a seeding from
-    #: the OS per trigger: ~0.1 ms, thousands of times as a mapped batch starts).
+    #: Jitter source; ``None`` uses the ``random`` module (tests pass a seeded one).
     rng: random.Random | None = None
     polls: int = 0
-    #: The last answer, marshalled (see :attr:`last_prediction`).
-    _last_answer: bytes | dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    #: The last answer, large input values elided (see :attr:`last_prediction`).
+    _last_answer: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     _fatal_errors: int = 0
     _bad_answers: int = 0
     _transient_errors: int = 0
@@ -135,7 +132,7 @@ class PredictionPoller:
         status = prediction.get("status") if isinstance(prediction, dict) else None
         if not isinstance(status, str) or status not in _KNOWN_STATUSES:
             return self._bad_answer(f"the answer has no known status (status={status!r})", now)
-        self._last_answer = _stored(prediction)
+        self._last_answer = compact_prediction(prediction)  # a copy: the caller's changes do not reach it
         self._fatal_errors = self._bad_answers = self._transient_errors = 0
         self._last_error = None
         previous, self._last_status = self._last_status, status
@@ -173,19 +170,9 @@ class PredictionPoller:
 
     @property
     def last_prediction(self) -> dict[str, Any] | None:
-        """The prediction object of the last status answer (large input values elided), a new copy each time;
-        ``None`` before the first.
-
-        Kept marshalled between checks: bytes are one object the garbage collector never walks, where the
-        parsed answer is a dict that each waiting prediction would keep tracked, and every answer that outlives
-        a young collection (most wait a second or more for the next) would count towards the next full
-        collection of the triggerer's whole heap (benchmarks/RESULTS.md). Read only when a wait ends without
-        a terminal answer.
-        """
-        answer = self._last_answer
-        if isinstance(answer, bytes):
-            return marshal.loads(answer)
-        return None if answer is None else dict(answer)
+        """The prediction object of the last status answer (large input values elided), a new copy each time
+        (a reader cannot change what the poller keeps); ``None`` before the first."""
+        return copy.deepcopy(self._last_answer)
 
     @property
     def strikes(self) -> int:
@@ -299,15 +286,6 @@ def _elided(prediction: dict[str, Any]) -> dict[str, Any]:
             if _is_large(value):
                 return {**prediction, "input": {k: (_elide(v) if _is_large(v) else v) for k, v in inputs.items()}}
     return prediction
-
-
-def _stored(prediction: dict[str, Any]) -> bytes | dict[str, Any]:
-    """An answer as :class:`PredictionPoller` keeps it between checks: marshalled (see ``last_prediction``)."""
-    data = _elided(prediction)
-    try:
-        return marshal.dumps(data)
-    except ValueError:  # a value marshal cannot write (never in a JSON answer): a copy of the dict instead
-        return dict(data)
 
 
 def _is_large(value: Any) -> bool:

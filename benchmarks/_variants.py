@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def own_loop() -> None:
     """``PredictionTrigger.run`` before the shared poller: each trigger sleeps and polls on its own, through
-    its own hook (still on the connection's shared pool and budget), and wakes for every status check."""
+    its own hook (still on the connection's shared session and budget), and wakes for every status check."""
     import asyncio
     import time
 
@@ -76,50 +76,3 @@ def untimed_batches() -> None:
     _shared_poller.TICK = 1e-6
     wide_batches(checks_per_worker=4, slack=0.025)
 
-
-def aiohttp_transport() -> None:
-    """The hook's async requests over aiohttp, as before ``hooks/_http1.py`` (one shared ClientSession per
-    connection and loop, as it was built): everything else (budget, parsing, the shared poller) unchanged,
-    so the two transports can be compared in one run."""
-    import asyncio
-
-    import aiohttp
-
-    from airflow_comet.hooks import _http1, cometapi
-
-    class AiohttpPool:
-        def __init__(self, settings) -> None:  # type: ignore[no-untyped-def]
-            self._base = settings.base_url
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-                ),
-                headers={
-                    "Authorization": f"Bearer {settings.api_key}",
-                    "User-Agent": cometapi.USER_AGENT,
-                    "Accept": "application/json",
-                },
-            )
-
-        @property
-        def closed(self) -> bool:
-            return self._session.closed
-
-        async def close(self) -> None:
-            await self._session.close()
-
-        async def request(self, method, path, *, body=None, headers=None, read_timeout=None, idempotent=True):  # type: ignore[no-untyped-def]
-            try:
-                async with self._session.request(
-                    method, self._base + path, data=body, headers=dict(headers or {}), allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_read=read_timeout),
-                ) as response:
-                    return _http1.Response(response.status, response.headers, await response.read())  # type: ignore[arg-type]
-            except aiohttp.ClientConnectorError as error:
-                raise _http1.ConnectFailed(str(error)) from None
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                raise _http1.ConnectionLost(str(error), answered=True) from None
-
-    cometapi.new_connection_pool = AiohttpPool  # type: ignore[assignment]

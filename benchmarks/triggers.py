@@ -594,7 +594,7 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true", help="run the triggerer's loop on uvloop")
     parser.add_argument("--tls", action="store_true",
                         help="put a TLS proxy (its own process) in front of the simulator, as the real API is https")
-    parser.add_argument("--variant", action="append", default=[], choices=["jitter_first_poll", "wide_batches", "narrow_batches", "aiohttp_transport", "untimed_batches"],
+    parser.add_argument("--variant", action="append", default=[], choices=["jitter_first_poll", "wide_batches", "narrow_batches", "untimed_batches"],
                         help="measure a suggested change to PredictionTrigger's side (benchmarks/_variants.py)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() the triggerer's start-up heap (Airflow's triggerer does not)")

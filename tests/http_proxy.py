@@ -1,6 +1,7 @@
 """A small forward HTTP proxy on 127.0.0.1 for the tests: ``CONNECT`` tunnels, and absolute-form requests
 relayed to the host they name. It records every byte clients sent through it, so a test can tell what the
 proxy could read (a tunnelled TLS request must show no key), and can demand credentials (407 otherwise).
+Given a TLS context it is an ``https://`` proxy (clients speak TLS to it, and through it to the host).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 from urllib.parse import urlsplit
 
 
@@ -15,16 +17,18 @@ class HttpProxy:
     """``async with HttpProxy() as proxy``: ``proxy.url``, ``proxy.seen`` (bytes from clients, per connection),
     ``proxy.connects`` (the targets of CONNECT requests)."""
 
-    def __init__(self, *, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, *, credentials: tuple[str, str] | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.credentials = credentials
+        self.tls = tls
         self.seen: list[bytearray] = []
         self.connects: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> HttpProxy:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.scheme = "https" if self.tls else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -34,7 +38,7 @@ class HttpProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def url_with(self, user: str, password: str) -> str:
-        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+        return f"{self.scheme}://{user}:{password}@127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -62,7 +66,7 @@ class HttpProxy:
                 first = head
             up_writer.write(first)
             await asyncio.gather(self._relay(reader, up_writer, seen), self._relay(up_reader, writer, None))
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ValueError, ssl.SSLError):
             pass
         finally:
             writer.close()

@@ -427,7 +427,7 @@ def test_missing_connection_names_it(monkeypatch):
     ],
 )
 def test_host_normalisation(host, expected):
-    from airflow_comet.hooks._protocol import base_url_from
+    from airflow_comet.hooks._settings import base_url_from
 
     assert base_url_from("c", host, None) == expected
 

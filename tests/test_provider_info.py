@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from airflow_comet.get_provider_info import get_provider_info
-from airflow_comet.hooks._protocol import ConnectionSettings
+from airflow_comet.hooks._settings import ConnectionSettings
 
 
 def _connection_type() -> dict:

@@ -1,6 +1,6 @@
-"""Proxies and certificate checks: the triggerer's transport reaches the API the way the worker's requests
-session does (the connection's ``proxies`` / ``verify`` extras, ``HTTPS_PROXY`` and ``NO_PROXY``), through a
-real forward proxy on 127.0.0.1 (tests/http_proxy.py)."""
+"""Proxies and certificate checks: the triggerer's transport (aiohttp) reaches the API the way the worker's
+requests session does (the connection's ``proxies`` / ``verify`` extras, ``HTTPS_PROXY`` and ``NO_PROXY``),
+through a forward proxy on 127.0.0.1 (tests/http_proxy.py; squid and nginx in test_real_servers.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import ssl
 
 import pytest
 
-from airflow_comet.exceptions import CometAPIAmbiguousCreateError, CometAPIConfigError
-from airflow_comet.hooks._http1 import ConnectFailed, ConnectionPool, ProxyAuthRequired
-from airflow_comet.hooks._protocol import ConnectionSettings
+from airflow_comet.exceptions import CometAPIAmbiguousCreateError, CometAPIConfigError, CometAPITransportError
+from airflow_comet.hooks._settings_cache import forget_settings
+from airflow_comet.hooks._settings import ConnectionSettings
 from airflow_comet.hooks.cometapi import CometAPIHook
 from tests.conftest import set_connection
 from tests.http_proxy import HttpProxy
-from tests.test_http1 import RawServer
+from tests.raw_server import RawServer
 
 
 def _settings(base_url: str, **extras: object) -> ConnectionSettings:
@@ -63,19 +63,12 @@ def test_the_extras_no_proxy_sends_its_hosts_direct_and_others_through_the_proxy
     assert _settings("https://api.cometapi.com", **extras).proxy == "http://conn-proxy:8080"
 
 
-def test_a_proxy_the_triggerer_cannot_use_is_skipped_there_with_a_warning_not_its_password(caplog):
-    from airflow_comet.hooks.cometapi import new_connection_pool
-
-    settings = _settings("https://api.cometapi.com", proxies={"https": "socks5h://user:hunter2@proxy:1080"})
-    assert settings.proxy == "socks5h://user:hunter2@proxy:1080"  # the worker's requests can use it
-    with caplog.at_level("WARNING"):
-        pool = new_connection_pool(settings)
-    assert pool._proxy is None  # direct, as before the triggerer read proxies at all
-    assert "cannot go through a socks5h proxy" in caplog.text and "hunter2" not in caplog.text
-    assert new_connection_pool(_settings("https://api.cometapi.com", proxy="HTTP://proxy:3128"))._proxy == (
-        "proxy",
-        3128,
-    )
+@pytest.mark.parametrize("scheme", ["socks5h", "socks4", "ftp"])
+def test_a_proxy_neither_side_can_use_is_a_config_error_at_lookup_not_its_password(scheme):
+    with pytest.raises(CometAPIConfigError, match=f"a {scheme}:// proxy; only http:// and https://") as info:
+        _settings("https://api.cometapi.com", proxies={"https": f"{scheme}://user:hunter2@proxy:1080"})
+    assert "hunter2" not in str(info.value)
+    assert _settings("https://api.cometapi.com", proxy="HTTPS://proxy:3128").proxy == "HTTPS://proxy:3128"
 
 
 def test_an_unreadable_proxy_url_is_a_config_error_that_shows_no_part_of_the_password():
@@ -122,65 +115,73 @@ def test_verify_takes_a_ca_bundle_path_or_requests_ca_bundle_and_names_a_missing
 # -- the transport through a proxy ------------------------------------------------------------------------
 
 
-async def test_an_https_host_is_reached_through_a_connect_tunnel_the_proxy_cannot_read(tls_server_context):
+async def _get(monkeypatch, mode: str, url: str, **extras: object) -> dict:
+    """One status check of ``p1`` through the worker's or the triggerer's transport, sent once."""
+    set_connection(monkeypatch, url, max_retries=0, **extras)
+    forget_settings("cometapi_default")  # the triggerer looks the connection up anew
+    if mode == "worker":
+        return await asyncio.to_thread(CometAPIHook().get_prediction, "p1")
+    async with CometAPIHook() as hook:
+        return await hook.aget_prediction("p1")
+
+
+@pytest.mark.parametrize("mode", ["worker", "triggerer"])
+@pytest.mark.parametrize("proxy_tls", [False, True], ids=["http-proxy", "https-proxy"])
+def test_an_https_host_is_reached_through_a_tunnel_the_proxy_cannot_read(
+    monkeypatch, tls_server_context, mode, proxy_tls
+):
     context, cert = tls_server_context
-    async with RawServer(tls=context) as server, HttpProxy(credentials=("u", "p@ss")) as proxy:
-        pool = ConnectionPool(
-            server.url,
-            headers={"Authorization": "Bearer sk-secret"},
-            connect_timeout=2,
-            read_timeout=5,
-            proxy=proxy.url_with("u", "p%40ss"),
-            verify=str(cert),
-        )
-        for _ in range(2):
-            assert (await pool.request("GET", "/replicate/v1/predictions/p1")).status == 200
-        await pool.close()
-    port = server.url.rsplit(":", 1)[1]
-    assert proxy.connects == [f"127.0.0.1:{port}"]  # one tunnel, kept alive for both requests
-    assert server.requests[0].startswith(b"GET /replicate/v1/predictions/p1 HTTP/1.1\r\n")
-    assert b"Proxy-Authorization" not in server.requests[0]  # the proxy's credentials end at the proxy
-    assert b"sk-secret" not in bytes(proxy.seen[0])  # the key crossed the proxy encrypted
+
+    async def run() -> None:
+        async with RawServer(tls=context) as server, HttpProxy(
+            credentials=("u", "p@ss"), tls=context if proxy_tls else None
+        ) as proxy:
+            # The proxy's own certificate is checked against the same CAs as the host's.
+            extras = {"proxies": {"https": proxy.url_with("u", "p%40ss")}, "verify": str(cert)}
+            for _ in range(2):
+                assert await _get(monkeypatch, mode, server.url, **extras) == {"ok": 1}
+        port = server.url.rsplit(":", 1)[1]
+        assert proxy.connects == [f"127.0.0.1:{port}"] * len(proxy.connects) and proxy.connects
+        assert server.requests[0].startswith(b"GET /replicate/v1/predictions/p1 HTTP/1.1\r\n")
+        assert b"proxy-authorization" not in server.requests[0].lower()  # the proxy's credentials end there
+        assert all(b"SECRET" not in bytes(seen) for seen in proxy.seen)  # the key crossed it encrypted
+
+    asyncio.run(run())
 
 
-async def test_a_proxy_refusing_the_tunnel_is_a_connect_error_naming_its_answer(tls_server_context):
-    context, cert = tls_server_context
-    async with RawServer(tls=context) as server, HttpProxy(credentials=("u", "right")) as proxy:
-        pool = ConnectionPool(
-            server.url, headers={}, connect_timeout=2, read_timeout=5, proxy=proxy.url_with("u", "wrong"), verify=str(cert)
-        )
-        with pytest.raises(ProxyAuthRequired, match="refused the tunnel.*407"):
-            await pool.request("GET", "/x")
-        await pool.close()
-    assert server.connections == 0
+@pytest.mark.parametrize("mode", ["worker", "triggerer"])
+def test_an_unreachable_proxy_is_a_connection_failure_nothing_was_sent(monkeypatch, mode):
+    async def run() -> None:
+        with pytest.raises(CometAPITransportError, match="proxy") as info:
+            await _get(monkeypatch, mode, "http://127.0.0.1:9", proxies={"http": "http://127.0.0.1:1"})
+        assert not info.value.maybe_sent
+
+    asyncio.run(run())
 
 
-async def test_an_unreachable_proxy_is_named_in_the_error():
-    pool = ConnectionPool("http://127.0.0.1:9", headers={}, connect_timeout=2, read_timeout=5, proxy="http://127.0.0.1:1")
-    with pytest.raises(ConnectFailed, match="through the proxy 127.0.0.1:1"):
-        await pool.request("GET", "/x")
+@pytest.mark.parametrize("mode", ["worker", "triggerer"])
+def test_an_http_host_gets_absolute_targets_and_the_proxys_credentials(monkeypatch, mode):
+    async def run() -> None:
+        async with RawServer() as server, HttpProxy(credentials=("u", "pw")) as proxy:
+            for _ in range(2):
+                await _get(monkeypatch, mode, server.url + "/base", proxies={"http": proxy.url_with("u", "pw")})
+        assert server.requests
+        for request in server.requests:
+            assert request.startswith(f"GET {server.url}/base/replicate/v1/predictions/p1 HTTP/1.1\r\n".encode())
+            assert b"proxy-authorization: basic dtpwdw==\r\n" in request.lower()
+
+    asyncio.run(run())
 
 
-async def test_verify_false_accepts_a_certificate_no_ca_signed(tls_server_context):
-    context, _ = tls_server_context
-    async with RawServer(tls=context) as server:
-        pool = ConnectionPool(server.url, headers={}, connect_timeout=2, read_timeout=5, verify=False)
-        assert (await pool.request("GET", "/x")).status == 200
-        await pool.close()
+@pytest.mark.parametrize("mode", ["worker", "triggerer"])
+def test_a_proxy_answering_407_for_an_http_host_is_a_config_error(monkeypatch, mode):
+    async def run() -> None:
+        async with RawServer() as server, HttpProxy(credentials=("u", "right")) as proxy:
+            with pytest.raises(CometAPIConfigError, match="407.*proxy's user name and password"):
+                await _get(monkeypatch, mode, server.url, proxies={"http": proxy.url_with("u", "wrong")})
+        assert not server.requests
 
-
-async def test_an_http_host_gets_absolute_targets_and_the_proxys_credentials_on_each_request():
-    async with RawServer() as server, HttpProxy(credentials=("u", "pw")) as proxy:
-        pool = ConnectionPool(
-            server.url + "/base", headers={}, connect_timeout=2, read_timeout=5, proxy=proxy.url_with("u", "pw")
-        )
-        for _ in range(2):
-            assert (await pool.request("GET", "/x")).status == 200
-        await pool.close()
-    assert len(proxy.seen) == 1  # one kept-alive connection to the proxy
-    for request in server.requests:
-        assert request.startswith(f"GET {server.url}/base/x HTTP/1.1\r\n".encode())
-        assert b"Proxy-Authorization: Basic dTpwdw==\r\n" in request
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("configured_by", ["environment", "extra"])

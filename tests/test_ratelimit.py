@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from airflow_comet.hooks import _ratelimit
+from airflow_comet.hooks import _per_loop
 from airflow_comet.hooks._ratelimit import HEADROOM, RequestBudget, request_budget
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.testing import CometAPISimulator, Faults
@@ -147,7 +147,7 @@ def test_a_new_event_loop_gets_a_fresh_budget(simulator, monkeypatch):
     assert seen[0] is not seen[1]
     # Budgets of closed loops are dropped when a new one is made.
     asyncio.run(run(0))
-    assert all(entry[1] is not seen[0] for entry in _ratelimit._budgets.values())
+    assert all(state.get(("budget", "cometapi_default")) is not seen[0] for _, state in _per_loop._loops.values())
 
 
 # -- the budget itself ---------------------------------------------------------------------------------
@@ -342,104 +342,3 @@ def test_rate_follows_the_connection():
 def test_rate_must_be_positive():
     with pytest.raises(ValueError):
         RequestBudget(rate=0)
-
-
-# -- one connection pool per connection and event loop -------------------------------------------------
-
-
-def test_hooks_of_one_connection_share_one_pool(simulator):
-    pid = _create_prediction(simulator)
-    opened_before = simulator.connections_opened("api")
-
-    async def run() -> None:
-        hooks = [CometAPIHook() for _ in range(20)]
-        for hook in hooks:
-            await hook.__aenter__()
-        assert len({id(hook._async_pool) for hook in hooks}) == 1
-        try:
-            for _ in range(3):
-                for hook in hooks:  # one after another: one keep-alive connection serves them all
-                    await hook.aget_prediction(pid)
-        finally:
-            for hook in hooks:
-                await hook.aclose()
-
-    asyncio.run(run())
-    assert len(simulator.polls(pid)) == 60
-    assert simulator.connections_opened("api") - opened_before == 1
-
-
-def test_closing_one_hook_leaves_the_pool_open_for_the_others(simulator):
-    pid = _create_prediction(simulator)
-
-    async def run() -> None:
-        first, second = CometAPIHook(), CometAPIHook()
-        async with first:
-            async with second:
-                pool = second._async_pool
-                await second.aget_prediction(pid)
-            assert not pool.closed  # second let go; first still uses it
-            await first.aget_prediction(pid)
-        assert pool.closed  # the last user let go
-        assert not _ratelimit._pools
-
-        # A hook arriving afterwards gets a fresh pool.
-        async with CometAPIHook() as third:
-            assert third._async_pool is not pool
-            await third.aget_prediction(pid)
-
-    asyncio.run(run())
-    assert [r.status for r in simulator.polls(pid)] == [200, 200, 200]
-
-
-def test_a_cancelled_trigger_gives_its_share_back(simulator):
-    pid = _create_prediction(simulator)
-
-    async def run() -> None:
-        started = asyncio.Event()
-
-        async def wait_forever() -> None:
-            async with CometAPIHook() as hook:
-                await hook.aget_prediction(pid)
-                started.set()
-                await asyncio.sleep(3600)
-
-        async with CometAPIHook() as survivor:
-            task = asyncio.create_task(wait_forever())
-            await started.wait()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            [entry] = _ratelimit._pools.values()
-            assert entry.users == 1
-            await survivor.aget_prediction(pid)
-        assert not _ratelimit._pools
-
-    asyncio.run(run())
-
-
-def test_connections_with_other_keys_or_hosts_do_not_share(simulator, monkeypatch):
-    set_connection(monkeypatch, simulator.base_url, conn_id="cometapi_other")
-
-    async def run() -> None:
-        async with CometAPIHook() as one, CometAPIHook("cometapi_other") as other:
-            assert one._async_pool is not other._async_pool
-
-    asyncio.run(run())
-
-
-def test_each_event_loop_gets_its_own_pool(simulator):
-    pid = _create_prediction(simulator)
-    pools = []
-
-    async def run() -> None:
-        hook = CometAPIHook()
-        async with hook:
-            await hook.aget_prediction(pid)
-            pools.append(hook._async_pool)
-        # Left open on purpose: a loop that dies with triggers still holding the pool.
-        await CometAPIHook().__aenter__()
-
-    asyncio.run(run())
-    asyncio.run(run())
-    assert pools[0] is not pools[1]
-    assert len(simulator.polls(pid)) == 2

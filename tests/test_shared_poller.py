@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from airflow_comet.hooks import _ratelimit
+from airflow_comet.hooks._per_loop import loop_state
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet import polling
 from airflow_comet.polling import PredictionPoller
@@ -104,7 +104,7 @@ async def test_many_triggers_share_workers_and_wake_only_to_report(sim):
     await asyncio.sleep(0.1)
     assert poller.following == 0 and poller.in_flight == 0
     assert not poller._tasks
-    assert not _ratelimit._pools  # the pool closed with its last user
+    assert not [k for k in loop_state() if k[0] == "session"]  # the session closed with its last user
     # At most one connection per check in flight (40 due together), plus the creates' own, kept alive and
     # reused round after round: far fewer opened than checks made.
     assert sim.connections_opened("api") <= 1 + 40
@@ -218,7 +218,7 @@ async def test_a_failed_connection_lookup_mid_wait_does_not_end_the_wait(sim, mo
 
     # From now on every lookup fails (as while Airflow's API server restarts), and nothing is kept.
     monkeypatch.setattr(CometAPIHook, "_alook_up_settings", api_server_restarting)
-    _settings_cache._entries.clear()
+    _settings_cache.forget_settings("cometapi_default")
     event = await asyncio.wait_for(task, 20)
     assert event["status"] == "succeeded"
     assert len(sim.polls(pid)) >= 2  # checked on with the last good settings
@@ -245,7 +245,7 @@ async def test_a_failed_connection_lookup_at_the_start_does_not_end_the_wait(sim
         return await real(self)
 
     monkeypatch.setattr(CometAPIHook, "_alook_up_settings", api_server_restarting_for_a_moment)
-    _settings_cache._entries.clear()
+    _settings_cache.forget_settings("cometapi_default")
     event = await asyncio.wait_for(first_event(PredictionTrigger(pid)), 20)
     assert event["status"] == "succeeded"
     assert failures == [1, 1]
@@ -272,9 +272,7 @@ async def test_a_check_queued_long_past_its_deadline_times_out_without_a_request
             watch.close()
 
 
-@pytest.mark.parametrize("task_takes_context", [True, False], ids=["create_task-context", "python-3.10-way"])
-async def test_checks_do_not_run_in_a_triggers_context(sim, monkeypatch, task_takes_context):
-    monkeypatch.setattr(_shared_poller, "_TASK_TAKES_CONTEXT", task_takes_context)
+async def test_checks_do_not_run_in_a_triggers_context(sim, monkeypatch):
     # Airflow routes a trigger's log lines by context variables: a check must not carry the context of
     # whichever trigger happened to start the workers.
     marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
@@ -466,8 +464,8 @@ async def test_hooks_are_handed_on_until_their_settings_expire_and_keep_the_conn
 
 
 async def test_a_watch_keeps_what_it_hears_in_order_while_its_trigger_is_not_waiting():
-    watch = _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # no owner: never closed here
-    assert watch != _shared_poller.Watch(None, prediction_id="p1", started_at=0.0)  # one follow(), not a value
+    watch = _shared_poller.Watch(None, PredictionPoller("p1", 0.0))  # no owner: never closed here
+    assert watch != _shared_poller.Watch(None, PredictionPoller("p1", 0.0))  # one follow(), not a value
     assert len({watch, watch}) == 1
     cancelled = watch.next_outcome()
     cancelled.cancel()  # as when the trigger's task is cancelled while it waits

@@ -5,10 +5,8 @@ error); :func:`call_with_retries` (worker) and :func:`acall_with_retries` (trigg
 around it, so both paths retry exactly the same answers.
 
 Why not the http provider's retries: ``HttpHook.run_with_advanced_retry`` leaves the policy to the caller
-and ``HttpAsyncHook`` retries only 5xx, never 429 nor connection errors, and ignores ``Retry-After``. And why
-not tenacity, which those build on: a ``tenacity.AsyncRetrying`` costs about 55 us of CPU per request even
-when nothing fails, which a triggerer polling thousands of predictions pays on every status check
-(benchmarks/RESULTS.md); the loop below costs about 1 us.
+and ``HttpAsyncHook`` retries only 5xx, never 429 nor connection errors, and ignores ``Retry-After``. The
+loops themselves are a few lines, small enough not to need tenacity.
 """
 
 from __future__ import annotations
@@ -64,12 +62,6 @@ class RetryPolicy:
         ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
         # "Equal jitter": never less than half the ceiling, so retries do not collapse into a hot loop.
         return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def passes_errors_through(self, *, idempotent: bool) -> bool:
-        """Whether applying this policy is one attempt whose error is raised as it is (no retry, and no
-        create whose error :func:`final_error` could turn ambiguous): a hot path may then make that attempt
-        itself, without the loop."""
-        return self.max_retries <= 0 and idempotent
 
     def after_failure(
         self, error: CometAPIError, attempt: int, *, idempotent: bool, logger: logging.Logger, what: str

@@ -3,66 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-
-import asyncio
-import json
-import logging
-import re
-import ssl
 from collections.abc import Mapping
-from functools import cached_property, partial
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import requests
-import urllib3
 from airflow.providers.common.compat.sdk import BaseHook
-from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter  # a dependency of providers-http
 
-from airflow_comet import __version__
-from airflow_comet.exceptions import (
-    CometAPIAuthError,
-    CometAPICertificateError,
-    CometAPIConfigError,
-    CometAPIError,
-    CometAPINotFoundError,
-    CometAPIResponseError,
-    CometAPITransportError,
-)
+from airflow_comet.exceptions import CometAPIAuthError, CometAPIError, CometAPINotFoundError, CometAPIResponseError
 from airflow_comet.hooks import _protocol as protocol
-from airflow_comet.hooks._http1 import (
-    CertificateRejected,
-    ConnectionPool,
-    HTTPTransportError,
-    PoolClosed,
-    ProxyAuthRequired,
-)
+from airflow_comet.hooks._errors import proxy_auth_error
 from airflow_comet.hooks._masking import mask
-from airflow_comet.hooks._protocol import DEFAULT_HOST, ConnectionSettings
-from airflow_comet.hooks._ratelimit import RequestBudget, release_pool, request_budget, shared_pool
+from airflow_comet.hooks._protocol import DEFAULT_HOST, USER_AGENT
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
+from airflow_comet.hooks._settings import ConnectionSettings
 from airflow_comet.hooks._settings_cache import cached_settings, settings_refused
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import requests
 
-USER_AGENT = f"airflow-comet/{__version__}"
-#: urllib3's words for a proxy that answered CONNECT with 407 (the rest of its message names paths and ports).
-_PROXY_407 = re.compile(r"Tunnel connection failed: 407\b")
+    from airflow_comet.hooks._triggerer_http import Lease
+
+__all__ = ["USER_AGENT", "CometAPIHook", "aconnection_settings"]
+
 #: Extra seconds of read timeout on top of a ``Prefer: wait`` hold, so the hold itself never times out.
 _PREFER_WAIT_MARGIN = 15.0
-
-
-class BearerAuth(requests.auth.AuthBase):
-    """Sets ``Authorization: Bearer <key>``; its repr never shows the key."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
-        return request
-
-    def __repr__(self) -> str:
-        return "BearerAuth(***)"
 
 
 class CometAPIHook(BaseHook):
@@ -77,6 +41,9 @@ class CometAPIHook(BaseHook):
 
     Every URL is built from the connection's host: ``urls.*`` in CometAPI's answers point at another
     company's hosts and are never followed, so the key is only ever sent to the connection's host.
+
+    The API methods are here; the requests go through the worker's transport (``_worker_http``, blocking
+    methods) or the triggerer's (``_triggerer_http``, the ``a``-prefixed ones), both read by ``_protocol``.
 
     A plain ``BaseHook`` with its own ``requests`` session, not an ``HttpHook``: that one sends every
     connection extra it does not know as an HTTP header, and its ``run`` methods would send without the
@@ -95,15 +62,11 @@ class CometAPIHook(BaseHook):
     def __init__(
         self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
     ) -> None:
-        # No requests session yet (a pool manager, a lock, ~12 objects the garbage collector walks): a
-        # trigger, which only uses the async transport, would carry it for nothing. See ``session``.
         super().__init__()
         self.cometapi_conn_id = cometapi_conn_id
         self._retry_policy = retry_policy
         self._settings: ConnectionSettings | None = None
-        self._async_pool: ConnectionPool | None = None
-        self._budget: RequestBudget | None = None  # this connection's budget in this loop; set with the pool
-        self._pool_loop: asyncio.AbstractEventLoop | None = None  # the event loop the pool was taken in
+        self._lease: Lease | None = None  # the triggerer's session share, taken on first async use
 
     # -- connection form (Airflow < 3.2 reads these; newer versions read get_provider_info) --------------
 
@@ -159,7 +122,7 @@ class CometAPIHook(BaseHook):
         been changed meanwhile; the cache decides whether to look the connection up again for it)."""
         settings_refused(self.cometapi_conn_id, refused.api_key)
         self._settings = None
-        await self.aclose()  # the shared pool carries the old key
+        await self.aclose()  # the shared session carries the old key
 
     def retry_policy(self, settings: ConnectionSettings) -> RetryPolicy:
         return self._retry_policy or RetryPolicy(
@@ -168,7 +131,7 @@ class CometAPIHook(BaseHook):
             max_retry_wait=settings.max_retry_wait,
         )
 
-    # -- sync transport (requests) ------------------------------------------------------------------------
+    # -- the worker's transport (requests, hooks/_worker_http.py) ----------------------------------------
 
     def get_conn(self) -> requests.Session:
         """The hook's requests session (:attr:`session`)."""
@@ -176,23 +139,11 @@ class CometAPIHook(BaseHook):
 
     @cached_property
     def session(self) -> requests.Session:
-        """One keep-alive session for the hook's lifetime, built on first sync use."""
-        settings = self.settings
-        session = requests.Session()
-        # TCP keep-alive probes (HttpHook's settings): a long Prefer: wait hold is not dropped as idle by a
-        # NAT or firewall on the way.
-        adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        session.auth = BearerAuth(settings.api_key)
-        session.headers["User-Agent"] = USER_AGENT
-        session.headers["Accept"] = "application/json"
-        # The route the triggerer takes too (hooks/_route.py): requests' own reading of the environment off,
-        # so that it cannot choose another proxy or CA bundle than the settings say.
-        session.trust_env = False
-        session.proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else {}
-        session.verify = settings.verify
-        return session
+        """One keep-alive session for the hook's lifetime, built on first blocking use (a trigger never
+        needs one)."""
+        from airflow_comet.hooks._worker_http import new_session
+
+        return new_session(self.settings)
 
     def _request(
         self,
@@ -205,99 +156,47 @@ class CometAPIHook(BaseHook):
         hold: float = 0.0,
         policy: RetryPolicy | None = None,
     ) -> dict[str, Any]:
+        from airflow_comet.hooks._worker_http import send
+
         settings = self.settings
+
+        def attempt() -> dict[str, Any]:
+            answer = send(self.session, settings, method, path, body, headers, hold)
+            return self._parse(settings, method, path, answer.status, answer.headers, answer.body)
+
         return call_with_retries(
-            lambda: self._send(settings, method, path, body, headers, hold),
+            attempt,
             policy=policy or self.retry_policy(settings),
             idempotent=idempotent,
             logger=self.log,
             what=f"{method} {path}",
         )
 
-    def _send(
-        self,
-        settings: ConnectionSettings,
-        method: str,
-        path: str,
-        body: Mapping[str, Any] | None,
-        headers: Mapping[str, str] | None,
-        hold: float,
-    ) -> dict[str, Any]:
-        try:
-            response = self.session.request(
-                method,
-                settings.url(path),
-                json=body,
-                headers=dict(headers or {}),
-                timeout=(settings.connect_timeout, settings.read_timeout + hold),
-                # A redirect means a wrong host; following it could carry the key elsewhere.
-                allow_redirects=False,
-            )
-        except requests.exceptions.ConnectTimeout as e:
-            raise _transport_error(method, path, "connect timed out", e, maybe_sent=False) from None
-        except requests.exceptions.ProxyError as e:
-            if _PROXY_407.search(str(e)):  # as the triggerer's ProxyAuthRequired: new credentials, not time
-                raise _proxy_auth_error(
-                    settings, f"the proxy refused the tunnel to {settings.base_url} (407 Proxy Authentication Required)"
-                ) from None
-            raise _transport_error(method, path, "connection to the proxy failed", e, maybe_sent=False) from None
-        except requests.exceptions.ConnectionError as e:
-            reasons = _reasons(e)
-            if any(isinstance(r, ssl.SSLCertVerificationError) for r in reasons):
-                raise _certificate_error(settings, str(reasons[-1])) from None
-            # Refused, unknown host (permanent or temporary), connect timeout: nothing was sent, so even a
-            # create may be sent again. Anything else (a reset, a TLS error mid-answer) may have reached it.
-            not_sent = any(isinstance(r, urllib3.exceptions.ConnectTimeoutError) for r in reasons)
-            raise _transport_error(
-                method, path, "connection failed", _urllib3_reason(reasons), maybe_sent=not not_sent
-            ) from None
-        except requests.exceptions.RequestException as e:
-            # ReadTimeout, ChunkedEncodingError: the request was sent, the answer did not come back whole.
-            raise _transport_error(method, path, "no complete answer", e, maybe_sent=True) from None
-        return self._parse(settings, method, path, response.status_code, response.headers, response.content)
-
-    # -- async transport (_http1, one keep-alive pool per connection shared by the triggers of a loop) -----
+    # -- the triggerer's transport (aiohttp, hooks/_triggerer_http.py) -------------------------------------
 
     async def __aenter__(self) -> CometAPIHook:
-        await self._aget_pool()
+        await self._alease()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Let go of the async connection pool (idempotent); it closes with the last hook sharing it."""
-        pool, loop = self._async_pool, self._pool_loop
-        self._async_pool = self._budget = self._pool_loop = None
-        # A pool of another event loop is only forgotten (see _held_pool): its connections cannot be closed
-        # from this one.
-        if pool is not None and loop is asyncio.get_running_loop():
-            await release_pool(pool)
+        """Give back the hook's share of the connection's session (idempotent); the session closes with the
+        last hook sharing it."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.release()
 
-    def _held_pool(self) -> ConnectionPool | None:
-        """The pool this hook holds, if it is still open and of the running event loop (a request needs no
-        coroutine to get it)."""
-        pool = self._async_pool
-        if pool is None or pool.closed:
-            return None
-        if self._pool_loop is not asyncio.get_running_loop():
-            # Taken in another loop, most often one that has ended (a hook left open across two asyncio.run
-            # calls): that loop no longer runs the pool's connections and timers, so a request on them would
-            # wait for ever. Forgotten, not closed; the next request takes this loop's pool and budget.
-            self._async_pool = self._budget = self._pool_loop = None
-            return None
-        return pool
+    async def _alease(self) -> Lease:
+        """The hook's share of its connection's session in the running loop, taken on first use."""
+        lease = self._lease
+        if lease is None or not lease.usable:
+            from airflow_comet.hooks._triggerer_http import take_lease
 
-    async def _aget_pool(self) -> ConnectionPool:
-        if self._held_pool() is None:
-            settings = await self.aget_settings()
-            # One pool of keep-alive connections per connection and event loop, shared by every trigger.
-            self._async_pool = shared_pool(settings, lambda: new_connection_pool(settings))
-            self._pool_loop = asyncio.get_running_loop()
-            # Shared by every trigger of this connection in this event loop, as the pool is: the request
-            # budget and 429 pauses. Taken once per pool rather than looked up per request.
-            self._budget = request_budget(settings.conn_id, settings.max_requests_per_second)
-        return self._async_pool
+            # One left from another loop (most often one that has ended) is forgotten, not given back.
+            self._lease = lease = take_lease(await self.aget_settings())
+        return lease
 
     async def _arequest(
         self,
@@ -310,18 +209,14 @@ class CometAPIHook(BaseHook):
         hold: float = 0.0,
         urgent: bool = False,
     ) -> dict[str, Any]:
-        # The settings and the pool (in _asend) a hook already holds are used without awaiting a coroutine
-        # for each: a status check is the triggerer's hot path (benchmarks/steady_checks.py).
-        settings = self._settings or await self.aget_settings()
-        policy = self.retry_policy(settings)
-        if policy.passes_errors_through(idempotent=idempotent):
-            # What acall_with_retries would do, without its layer: the shared poller's checks come this way.
+        settings = await self.aget_settings()
+
+        async def attempt() -> dict[str, Any]:
             return await self._asend(settings, method, path, body, headers, hold, urgent, idempotent)
+
         return await acall_with_retries(
-            # A partial, not a lambda: a closure over these nine names is a cell each, per status check, for
-            # the garbage collector to count (and to promote with the checks in flight when it runs).
-            partial(self._asend, settings, method, path, body, headers, hold, urgent, idempotent),
-            policy=policy,
+            attempt,
+            policy=self.retry_policy(settings),
             idempotent=idempotent,
             logger=self.log,
             what=f"{method} {path}",
@@ -335,41 +230,22 @@ class CometAPIHook(BaseHook):
         body: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
         hold: float,
-        urgent: bool = False,
-        idempotent: bool = True,
+        urgent: bool,
+        idempotent: bool,
     ) -> dict[str, Any]:
-        pool = self._held_pool() or await self._aget_pool()
-        budget = self._budget
-        assert budget is not None  # taken with the pool
-        if not budget.take_free_slot():  # most requests find one: no coroutine for them
-            await budget.acquire(urgent=urgent)
+        lease = await self._alease()
+        answer = await lease.send(
+            settings, method, path, body, headers, hold, urgent=urgent, idempotent=idempotent
+        )
         try:
-            response = await pool.request(
-                method,
-                path,
-                body=None if body is None else json.dumps(body).encode(),
-                headers=headers,
-                read_timeout=settings.read_timeout + hold,
-                idempotent=idempotent,
-            )
-        except ProxyAuthRequired as e:
-            raise _proxy_auth_error(settings, str(e)) from None
-        except CertificateRejected as e:
-            raise _certificate_error(settings, str(e)) from None
-        except HTTPTransportError as e:
-            what = "no complete answer" if e.sent else "connection failed"
-            if isinstance(e, PoolClosed):
-                what = "not sent: the connection pool was closed"
-            raise _transport_error(method, path, what, e, maybe_sent=e.sent) from None
-        try:
-            return self._parse(settings, method, path, response.status, response.headers, response.body)
+            return self._parse(settings, method, path, answer.status, answer.headers, answer.body)
         except CometAPIAuthError:
             # A key rotated in the connection while triggers run: the next poll picks the new one up.
             await self._aforget_settings(settings)
             raise
         except CometAPIResponseError as e:
             if e.status_code == 429 and e.retry_after:
-                budget.pause(e.retry_after)
+                lease.budget.pause(e.retry_after)
             raise
 
     # -- shared ------------------------------------------------------------------------------------------
@@ -383,13 +259,14 @@ class CometAPIHook(BaseHook):
         headers: Mapping[str, str],
         content: bytes,
     ) -> dict[str, Any]:
+        if status == 407 and settings.proxy:  # a plain-http host behind a proxy: its answer, not the API's
+            raise proxy_auth_error(settings, "the proxy answered 407 Proxy Authentication Required")
         try:
             return protocol.parse_answer(
                 method=method,
                 path=path,
                 status=status,
-                # Lower-case names: the async transport's headers are a plain dict of them (requests' are
-                # case-insensitive).
+                # Both transports' headers are case-insensitive.
                 content_type=headers.get("content-type", ""),
                 body=content,
                 headers=headers,
@@ -509,40 +386,6 @@ async def aconnection_settings(conn_id: str) -> ConnectionSettings:
     return await cached_settings(conn_id, lambda: CometAPIHook(conn_id)._alook_up_settings())
 
 
-def new_connection_pool(settings: ConnectionSettings) -> ConnectionPool:
-    """A pool of keep-alive connections that sends the connection's key to its host, with its timeouts.
-
-    No cap on connections here: the triggerer's shared poller caps its status checks in flight itself
-    (``MAX_WORKERS``). No cookies either: the API sets none we need. Proxy and certificate checks as the
-    worker's requests session has them (``ConnectionSettings.proxy`` / ``verify``).
-    """
-    proxy = settings.proxy
-    if proxy and not proxy.lower().startswith("http://"):
-        # Connecting directly, as before the triggerer read proxies at all, rather than failing a wait whose
-        # create went through (requests handles socks and https proxies; this client does not).
-        log.warning(
-            "Connection %s: the triggerer cannot go through a %s proxy; connecting directly",
-            settings.conn_id,
-            proxy.split("://", 1)[0],
-        )
-        proxy = None
-    try:
-        return ConnectionPool(
-            settings.base_url,
-            headers={
-                "Authorization": f"Bearer {settings.api_key}",
-                "User-Agent": USER_AGENT,
-                "Accept": "application/json",
-            },
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            proxy=proxy,
-            verify=settings.verify,
-        )
-    except (ValueError, OSError) as error:  # an unreadable CA bundle
-        raise CometAPIConfigError(f"Connection {settings.conn_id!r}: {error}") from None
-
-
 def _about(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
     """``prediction`` if it is the one asked for: an answer out of step (a proxy, a connection that lost
     track) must never give one prediction another's status or outputs."""
@@ -553,55 +396,6 @@ def _about(prediction_id: str, prediction: dict[str, Any]) -> dict[str, Any]:
             status_code=200,
         )
     return prediction
-
-
-def _proxy_auth_error(settings: ConnectionSettings, refusal: str) -> CometAPIConfigError:
-    """A proxy answered 407, in either transport: not retried (new credentials are needed, not time)."""
-    return CometAPIConfigError(f"Connection {settings.conn_id!r}: {refusal}; check the proxy's user name and password")
-
-
-def _certificate_error(settings: ConnectionSettings, reason: str) -> CometAPICertificateError:
-    """The host's TLS certificate was not trusted, in either transport: not retried (a CA is missing, which
-    time does not fix), and the message says which setting to change."""
-    return CometAPICertificateError(
-        f"Connection {settings.conn_id!r}: the TLS certificate of {settings.base_url} was rejected ({reason}). "
-        "If a proxy or gateway re-signs TLS with your company's CA, set the connection extra 'verify' to that "
-        "CA bundle's path."
-    )
-
-
-def _reasons(error: BaseException) -> list[BaseException]:
-    """``error`` and what it wraps, outermost first: requests wraps urllib3's ``MaxRetryError``, whose
-    ``reason`` is the real failure (``NameResolutionError``, ``SSLError``, ...), which wraps the OS's."""
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and len(chain) < 8 and all(current is not seen for seen in chain):
-        chain.append(current)
-        inner = getattr(current, "reason", None)  # ssl.SSLError's reason is a string, not an exception
-        if not isinstance(inner, BaseException):
-            first = current.args[0] if current.args else None
-            inner = first if isinstance(first, BaseException) else None
-        current = inner or current.__cause__ or current.__context__
-    return chain
-
-
-def _urllib3_reason(reasons: list[BaseException]) -> BaseException:
-    """The failure worth naming: urllib3's own (it names the host and the OS error) rather than requests'
-    wrapper, whose first 200 characters are the pool and the URL."""
-    for reason in reasons:
-        if isinstance(reason, urllib3.exceptions.HTTPError) and not isinstance(
-            reason, urllib3.exceptions.MaxRetryError
-        ):
-            return reason
-    return reasons[0]
-
-
-def _transport_error(method: str, path: str, what: str, error: BaseException, *, maybe_sent: bool) -> CometAPITransportError:
-    detail = type(error).__name__
-    text = str(error)
-    if text:
-        detail += f": {text[:200]}"
-    return CometAPITransportError(f"{method} {path}: {what} ({detail})", maybe_sent=maybe_sent)
 
 
 def _scrub(error: CometAPIError, secret: str) -> None:

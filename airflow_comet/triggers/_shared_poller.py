@@ -1,24 +1,20 @@
 """One status poller per connection and event loop, shared by every ``PredictionTrigger`` of a triggerer.
 
-A trigger that sleeps and polls on its own wakes the event loop, and its own task, for every status check.
-With thousands of triggers that costs CPU and leaves a timer and a hook per trigger for the garbage
-collector to walk (benchmarks/RESULTS.md, measured when this came: per check about 0.9 ms above an idle
-trigger's floor that way, 0.71 ms here; 41 objects per waiting trigger instead of 49). So triggers hand
-their predictions here:
+A trigger that sleeps and polls on its own wakes the event loop, and its own task, for every status check,
+and holds a timer and a hook of its own; with thousands of triggers that adds up (benchmarks/RESULTS.md).
+So triggers hand their predictions here:
 
 - one timer for the whole connection over a heap of due times, each rounded to the nearest
   :data:`TICK` of the loop's clock: the checks that fall due in one tick are sent together, and their
   answers come back and are handled together too, so one wake-up of the event loop serves many checks
-  instead of one each (-23 % of the triggerer's CPU at N = 1,000 in the benchmark). Rounding to the
-  nearest tick moves a check by at most half a tick, as often earlier as later: the schedule's cadence,
+  instead of one each. Rounding to the nearest tick moves a check by at most half a tick, as often earlier as later: the schedule's cadence,
   its requests and its detection latency stay what they were on average;
 - short-lived worker tasks send the queued checks, one each, each through a hook of its own (so
-  through the connection's shared pool of connections and request budget, with settings at most
+  through the connection's shared HTTP session and request budget, with settings at most
   ``SETTINGS_TTL`` old: a worker's hook is handed to the next worker until then, rather than a new hook
-  looking the connection up and taking a share of the pool per check), and give each answer to that
-  prediction's own
-  :class:`~airflow_comet.polling.PredictionPoller` (its :class:`Watch` is one), which decides exactly as in the
-  worker's blocking wait.
+  looking the connection up and taking a share of the session per check), and give each answer to that
+  prediction's own :class:`~airflow_comet.polling.PredictionPoller` (its :class:`Watch` holds one), which
+  decides exactly as in the worker's blocking wait.
   A check is sent once: a failed one is retried by the prediction's own schedule (the poller backs off
   after errors), so a worker is never held by another prediction's retries, and a ``429``'s
   ``Retry-After`` still pauses the whole connection (the budget);
@@ -28,7 +24,7 @@ their predictions here:
   last good settings.
 
 The workers run in an empty ``contextvars`` context: a trigger's log context (Airflow routes a trigger's log
-lines by it) never follows another trigger's status check. Kept per event loop (:mod:`._per_loop`).
+lines by it) never follows another trigger's status check. Kept per event loop (``hooks._per_loop``).
 """
 
 from __future__ import annotations
@@ -41,19 +37,19 @@ import heapq
 import logging
 import math
 import time
-import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from airflow_comet.exceptions import CometAPIError, CometAPITransportError
-from airflow_comet.hooks._per_loop import Registry, per_loop
+from airflow_comet.hooks._per_loop import per_loop
 from airflow_comet.hooks._retry import RetryPolicy
 from airflow_comet.hooks._settings_cache import settings_expire_at
+from airflow_comet.hooks._triggerer_http import MAX_CONNECTIONS
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.polling import DEADLINE_SLACK, PredictionPoller
 
 if TYPE_CHECKING:
-    from airflow_comet.hooks._protocol import ConnectionSettings
+    from airflow_comet.hooks._settings import ConnectionSettings
     from airflow_comet.polling import PollOutcome
 
 log = logging.getLogger(__name__)
@@ -67,59 +63,59 @@ SLACK = 0.025
 #: One worker per this many queued checks. One: the batch's checks are all on the wire at once and their
 #: answers are handled in the same few loop iterations (sending them back to back costs a wake-up each).
 CHECKS_PER_WORKER = 1
-#: Status checks in flight at once per connection and triggerer (CometAPI advises capping concurrency): at
-#: most this many connections, kept alive between ticks. It binds when a tick holds more checks (thousands
+#: Status checks in flight at once per connection and triggerer (CometAPI advises capping concurrency): as many
+#: as the session's connections, kept alive between ticks. It binds when a tick holds more checks (thousands
 #: of triggers starting at once: the rest follow back to back) and when answers take seconds, where it keeps
 #: a slow API from being piled on.
-MAX_WORKERS = 64
+MAX_WORKERS = MAX_CONNECTIONS
 #: Queued checks still waiting this long after a check began get workers of their own: one slow answer
 #: (a status query can take tens of seconds) must not hold back the checks queued behind it.
 BACKLOG_GRACE = 0.5
 #: Checks are sent once; the prediction's schedule is the retry (see the module docstring).
 SINGLE_ATTEMPT = RetryPolicy(max_retries=0)
 
-_TASK_TAKES_CONTEXT = sys.version_info >= (3, 11)  # loop.create_task(..., context=)
 
 
-class Watch(PredictionPoller):
+class Watch:
     """One prediction followed by the shared poller: its :class:`~airflow_comet.polling.PredictionPoller`
-    (the decisions, as in the worker's blocking wait) and what its trigger hears, through :meth:`next_outcome`.
-
-    One object rather than a poller and a watch beside it: each waiting trigger keeps it for as long as it
-    waits, and every object a waiting trigger keeps is walked by each full garbage collection of the
-    triggerer's heap (benchmarks/gc_objects.py).
+    (:attr:`poller`: the decisions, as in the worker's blocking wait) and what its trigger hears, through
+    :meth:`next_outcome`.
     """
 
-    __slots__ = ("_notes", "_owner", "_waiter", "closed", "tell_changes")
-
-    def __init__(self, owner: SharedPoller, tell_changes: bool = True, **poller: Any) -> None:
-        super().__init__(**poller)
+    def __init__(self, owner: SharedPoller | None, poller: PredictionPoller, tell_changes: bool = True) -> None:
         self._owner = owner
+        self.poller = poller
         self.tell_changes = tell_changes
         self.closed = False
-        self._notes: collections.deque[PollOutcome | Exception] | None = None
+        self._notes: collections.deque[PollOutcome | Exception] = collections.deque()
         self._waiter: asyncio.Future[PollOutcome] | None = None
-
-    # A watch is one follow() of a prediction, not a value: compared and hashed by identity, as before it was
-    # a poller too (the dataclass would compare the poller's fields and print its last answer's bytes).
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         return f"<Watch {self.prediction_id} polls={self.polls} closed={self.closed}>"
+
+    @property
+    def prediction_id(self) -> str:
+        return self.poller.prediction_id
+
+    @property
+    def polls(self) -> int:
+        """Status checks made so far."""
+        return self.poller.polls
+
+    @property
+    def last_prediction(self) -> dict[str, Any] | None:
+        """The prediction object of the last status answer (see the poller's)."""
+        return self.poller.last_prediction
 
     def next_outcome(self) -> asyncio.Future[PollOutcome]:
         """The next outcome worth telling (a new status if ``tell_changes``, a problem, or the event that ends
         the wait), to await.
 
-        Awaiting it raises what a status check raised that was not an API error (the wait cannot go on). A
-        future, not a coroutine: a coroutine would be one more object for each waiting trigger to keep.
+        Awaiting it raises what a status check raised that was not an API error (the wait cannot go on).
         """
         waiter: asyncio.Future[PollOutcome] = asyncio.get_running_loop().create_future()
         if self._notes:
             _settle(waiter, self._notes.popleft())
-            if not self._notes:
-                self._notes = None  # most waits hear two or three notes in all: no deque kept between them
         else:
             self._waiter = waiter
         return waiter
@@ -128,15 +124,14 @@ class Watch(PredictionPoller):
         """Stop following this prediction (idempotent); a check already on the wire is answered and dropped."""
         if not self.closed:
             self.closed = True
-            self._owner._closed(self)
+            if self._owner is not None:
+                self._owner._closed(self)
 
     def _tell(self, note: PollOutcome | Exception) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():  # done: cancelled with its trigger's task
             _settle(waiter, note)
             return
-        if self._notes is None:
-            self._notes = collections.deque()
         self._notes.append(note)
 
 
@@ -156,9 +151,8 @@ class SharedPoller:
     def __init__(self, conn_id: str) -> None:
         self.conn_id = conn_id
         self._loop = asyncio.get_running_loop()
-        # The checks due at each loop time (a tick, mostly), and a heap of those times. Not a heap entry per
-        # check: most checks share their tick, and an entry per check would be one more object per check for
-        # the garbage collector to carry into its oldest generation (each waits a second or more).
+        # The checks due at each loop time (a tick, mostly), and a heap of those times: a tick's checks are
+        # taken together.
         self._due: list[float] = []
         self._buckets: dict[float, list[Watch]] = {}
         self._ready: collections.deque[Watch] = collections.deque()
@@ -169,12 +163,9 @@ class SharedPoller:
         self._workers = 0
         self._checking = 0  # workers waiting on an answer
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
-        # The context the tasks' done callbacks run in: empty, and one for all of them (a callback added
-        # without one gets a copy of the caller's context, one more object per check).
-        self._callback_context = contextvars.Context()
         # Hooks of finished workers with the loop time their settings expire (those kept for the loop's
         # hooks, at most SETTINGS_TTL old), handed to the next workers until then. Each holds a share of the
-        # connection's pool, so its keep-alive connections survive the gaps between ticks.
+        # connection's session, so its keep-alive connections survive the gaps between ticks.
         self._idle_hooks: list[tuple[float, CometAPIHook]] = []
         self._settings: ConnectionSettings | None = None  # the last good lookup
 
@@ -203,16 +194,10 @@ class SharedPoller:
         :param tell_changes: Whether the watch hears of status changes, or only of problems and the end (a
             trigger that would not log them need not wake for them).
         """
-        watch = Watch(
-            self,
-            tell_changes,
-            prediction_id=prediction_id,
-            started_at=started_at,
-            end_time=end_time,
-            poll_interval=poll_interval,
-        )
+        poller = PredictionPoller(prediction_id, started_at, end_time=end_time, poll_interval=poll_interval)
+        watch = Watch(self, poller, tell_changes)
         self._open += 1
-        self._schedule(watch, watch.first_delay(time.time()))
+        self._schedule(watch, poller.first_delay(time.time()))
         return watch
 
     # -- schedule ----------------------------------------------------------------------------------------
@@ -223,7 +208,7 @@ class SharedPoller:
             self._start_workers()
             return
         when = self._loop.time() + delay
-        end = watch.end_time
+        end = watch.poller.end_time
         if delay >= TICK and (end is None or time.time() + delay < end - DEADLINE_SLACK):
             # Never the wait for a deadline: rounded to just before it, that check would be one more request
             # (and a wait shorter than a tick, rounded, could come back again and again until it passed).
@@ -290,14 +275,11 @@ class SharedPoller:
     def _spawn(self, coro: Coroutine[Any, Any, None], done: Callable[[asyncio.Task[None]], None]) -> None:
         """Run ``coro`` in a task of its own; ``done(task)`` is called when it ends and must discard it from
         ``_tasks``."""
-        # In an empty context, not the trigger's that happened to call (a task copies the one it is created in:
-        # given one, Python >= 3.11 skips that copy, one object fewer per check).
-        if _TASK_TAKES_CONTEXT:
-            task = self._loop.create_task(coro, context=contextvars.Context())
-        else:
-            task = contextvars.Context().run(self._loop.create_task, coro)
+        # In an empty context, not that of the trigger that happened to call (a task copies the context it is
+        # created in): a trigger's log context must not follow another trigger's check.
+        task = contextvars.Context().run(self._loop.create_task, coro)
         self._tasks.add(task)
-        task.add_done_callback(done, context=self._callback_context)
+        task.add_done_callback(done)
 
     def _take_hook(self) -> tuple[CometAPIHook, float | None, list[CometAPIHook]]:
         """An idle hook whose settings have not expired and the loop time they do, or a new hook and ``None``;
@@ -314,7 +296,7 @@ class SharedPoller:
     async def _work(self) -> None:
         # A hook per worker at a time: its settings are looked up (from the per-loop cache) when it is made,
         # and it serves later workers only until those expire, so an edited connection reaches the checks
-        # within SETTINGS_TTL; a 401 makes a hook drop its settings and pool share, and such a hook is never
+        # within SETTINGS_TTL; a 401 makes a hook drop its settings and session share, and such a hook is never
         # handed on, so it touches no other worker's checks.
         hook, expires, expired = self._take_hook()
         lookup_error = None
@@ -324,23 +306,23 @@ class SharedPoller:
                 # Handed on only with settings of its own lookup, not the last good ones of a failed one.
                 expires = settings_expire_at(self.conn_id) if fresh else None
             if expired:
-                # Closed once this hook holds its share of the pool: closed first, they could be its last users
-                # and take the pool's keep-alive connections with them.
-                with contextlib.suppress(Exception):  # a pool that cannot be built fails the check, below
-                    await hook._aget_pool()
+                # Closed once this hook holds its share of the session: closed first, they could be its last
+                # users and take the session's keep-alive connections with them.
+                with contextlib.suppress(Exception):  # a session that cannot be opened fails the check, below
+                    await hook._alease()
                 for old in expired:
                     await old.aclose()
             while self._ready:
                 watch = self._ready.popleft()
                 if watch.closed:
                     continue
-                overdue = watch.timeout_if_overdue(time.time())
+                overdue = watch.poller.timeout_if_overdue(time.time())
                 if overdue is not None:  # queued so long behind slow answers that its deadline passed
                     watch._tell(overdue)
                     continue
                 await self._check(hook, watch, lookup_error)
         finally:
-            if self._open and expires is not None and hook._settings is not None and hook._async_pool is not None:
+            if self._open and expires is not None and hook._settings is not None and hook._lease is not None:
                 self._idle_hooks.append((expires, hook))
             else:
                 await hook.aclose()
@@ -366,7 +348,7 @@ class SharedPoller:
         self._checking += 1
         self._watch_backlog()
         try:
-            outcome = await self._decide(hook, watch, lookup_error)
+            outcome = await self._decide(hook, watch.poller, lookup_error)
         except Exception as error:  # noqa: BLE001 - its trigger reports it as its event; other checks go on
             watch._tell(error)
             return
@@ -400,7 +382,7 @@ class SharedPoller:
         self._release_if_idle()
 
     def _release_if_idle(self) -> None:
-        """With nothing followed and no worker left, give the pool back and stop the timer."""
+        """With nothing followed and no worker left, give the session back and stop the timer."""
         if self._open or self._workers:
             return
         if self._timer is not None:
@@ -417,9 +399,6 @@ class SharedPoller:
             self._spawn(hook.aclose(), self._tasks.discard)
 
 
-_pollers: Registry[SharedPoller] = {}
-
-
 def shared_poller(conn_id: str) -> SharedPoller:
     """The poller every trigger of ``conn_id`` shares in the running event loop."""
-    return per_loop(_pollers, conn_id, SharedPoller, conn_id)
+    return per_loop(("poller", conn_id), SharedPoller, conn_id)
