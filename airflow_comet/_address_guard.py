@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from requests.adapters import HTTPAdapter
@@ -170,7 +170,8 @@ class AddressPolicy:
         infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
         if not infos:
             raise socket.gaierror(f"no address for {host}")
-        self.check(host, [info[4][0] for info in infos])
+        # An AF_INET or AF_INET6 sockaddr starts with the address as text (only AF_BLUETOOTH's is an int).
+        self.check(host, [str(info[4][0]) for info in infos])
         return infos
 
 
@@ -300,7 +301,8 @@ class GuardedAdapter(HTTPAdapter):
     requests sends every redirect hop through the adapter again, so each hop is checked.
     """
 
-    __attrs__: ClassVar[list[str]] = [*HTTPAdapter.__attrs__, "policy"]
+    # Not a ClassVar: the requests stubs declare it per instance, and a ClassVar may not override that.
+    __attrs__ = [*HTTPAdapter.__attrs__, "policy"]  # noqa: RUF012 - see above
 
     def __init__(self, policy: AddressPolicy, **kwargs: Any) -> None:
         self.policy = policy

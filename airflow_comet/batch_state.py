@@ -131,7 +131,9 @@ class BatchState:
         files: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         prediction = prediction or {}
-        metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), Mapping) else {}
+        metrics = prediction.get("metrics")
+        if not isinstance(metrics, Mapping):
+            metrics = {}
         kept = [
             [str(f["path"]).rsplit(".", 1)[-1], f["size"], f["sha256"], f["content_type"]]
             for f in sorted(files, key=lambda record: record.get("index", 0))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow_comet import resume
 from airflow_comet.exceptions import (
@@ -219,17 +219,21 @@ def settle(
     """Record how items ended (``(index, attempts, event)``): persist the succeeded into ``folder`` (if any),
     queue failed or lost ones again while ``item_retries`` last, ``cancel`` those that ran past the deadline
     (``None``: leave them running)."""
-    to_persist, to_cancel = [], []
+    to_persist: list[tuple[int, int, Mapping[str, Any]]] = []
+    to_cancel: list[tuple[int, int, Mapping[str, Any], Any]] = []
     for index, attempts, event in outcomes:
         status = event.get("status")
-        prediction = event.get("prediction") or ({"id": event["prediction_id"]} if event.get("prediction_id") else None)
+        prediction: Mapping[str, Any] | None = event.get("prediction") or (
+            {"id": event["prediction_id"]} if event.get("prediction_id") else None
+        )
         if status == "succeeded":
             if folder is None:
                 state.finish(index, "succeeded", prediction, attempts)
             else:
-                to_persist.append((index, attempts, prediction))
+                # Only a failed create has no prediction; succeeded and timeout events name theirs.
+                to_persist.append((index, attempts, cast(Mapping[str, Any], prediction)))
         elif status == "timeout":
-            to_cancel.append((index, attempts, prediction, event.get("message")))
+            to_cancel.append((index, attempts, cast(Mapping[str, Any], prediction), event.get("message")))
         elif status in _RETRIED and event.get("retry", True) and attempts <= item_retries and not state.halted:
             log.warning(
                 "Item #%d: %s; creating it again (attempt %d of %d)",

@@ -211,7 +211,7 @@ def _load_dag() -> Any:
     try:
         from airflow.dag_processing.dagbag import DagBag
     except ImportError:  # Airflow 2
-        from airflow.models.dagbag import DagBag
+        from airflow.models.dagbag import DagBag  # type: ignore[no-redef]  # the same class, Airflow 2's home
     bag = DagBag(str(DAGS))
     if bag.import_errors:
         raise SystemExit(f"Example DAGs failed to import: {bag.import_errors}")

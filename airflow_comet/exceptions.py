@@ -19,7 +19,9 @@ class CometAPIError(AirflowException):
     def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.status_code = status_code
+        # CometAPI's HTTP status (None when it did not answer); AirflowException declares this name as the
+        # HTTPStatus its own API server would answer with, which never applies to an error raised in a task.
+        self.status_code = status_code  # type: ignore[assignment]  # see the comment above
         self.code = code
 
 

@@ -45,7 +45,9 @@ def outcome_row(
 ) -> dict[str, Any]:
     """One prompt's line: what was asked, how its prediction ended, and the files kept of it."""
     prediction = prediction or {}
-    metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), Mapping) else {}
+    metrics = prediction.get("metrics")
+    if not isinstance(metrics, Mapping):
+        metrics = {}
     written = sorted(files, key=lambda record: record.get("index", 0))
     row = {
         "index": index,
@@ -85,8 +87,8 @@ def pipeline_rows(
         matched = list(finished)  # one result per map index, in map-index order
     else:
         by_input: dict[str, deque[Mapping[str, Any]]] = defaultdict(deque)
-        for prediction in finished:
-            by_input[_input_key(prediction.get("input"))].append(prediction)
+        for done in finished:
+            by_input[_input_key(done.get("input"))].append(done)
         matched = [
             (queue.popleft() if (queue := by_input.get(_input_key(model_input))) else None) for model_input in inputs
         ]

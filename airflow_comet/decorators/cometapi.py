@@ -70,7 +70,9 @@ class _CometAPIDecoratedOperator(DecoratedOperator, CreatePredictionOperator):
             wait_for_completion=True,
             **kwargs,
         )
-        self.input = SET_DURING_EXECUTION
+        # Only a placeholder for the rendered fields: execute and create_after_wait put the function's result
+        # here before the operator reads it, which the operator's input type cannot express.
+        self.input = SET_DURING_EXECUTION  # type: ignore[assignment]  # see the comment above
 
     def execute(self, context: Context) -> Any:
         self._call_function(context)

@@ -28,9 +28,7 @@ class PredictionWaitMixin:
     """Follow a prediction to its end. Expects ``hook``, ``cometapi_conn_id``, ``poll_interval``,
     ``cancel_on_kill``, ``fail_on_error``, ``end_from_trigger``, ``execution_timeout`` and ``log`` on the class it is mixed into."""
 
-    hook: CometAPIHook
     cometapi_conn_id: str
-    poll_interval: float
     cancel_on_kill: bool
     fail_on_error: bool
     end_from_trigger: bool
@@ -38,6 +36,15 @@ class PredictionWaitMixin:
     _returns = "prediction"
     execution_timeout: timedelta | None
     log: Any
+
+    if TYPE_CHECKING:
+        # Only read here, so declared read-only: both classes hold the hook in a cached_property, and the
+        # sensor derives poll_interval from poke_interval where the operator stores it.
+        @property
+        def hook(self) -> CometAPIHook: ...
+
+        @property
+        def poll_interval(self) -> float: ...
 
     # -- before waiting ---------------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ class PredictionBatchOperator(BaseOperator):
         if isinstance(event, Mapping) and isinstance(event.get("state"), Mapping):
             with contextlib.suppress(TypeError, ValueError):
                 self._state = BatchState.from_json(event["state"])
-        elif getattr(ti, "next_method", None):
+        elif ti is not None and getattr(ti, "next_method", None):
             with contextlib.suppress(Exception):
                 running = ti.xcom_pull(task_ids=ti.task_id, key=XCOM_RUNNING, map_indexes=ti.map_index)
                 if isinstance(running, list) and running:
@@ -282,7 +282,7 @@ class PredictionBatchOperator(BaseOperator):
                 "and a prediction whose id it cannot keep could be paid for twice"
             )
             return []
-        items = []
+        items: list[tuple[int, int, dict[str, Any]]] = []
         while len(state.running) + len(items) < self.max_in_flight and (taken := state.take()) is not None:
             items.append((taken[0], taken[1], inputs[taken[0]]))
         outcomes = []
@@ -291,7 +291,7 @@ class PredictionBatchOperator(BaseOperator):
             if prediction is None:
                 if created.fatal:
                     state.halt(created.error or "creating predictions failed")
-                event = {
+                event: dict[str, Any] = {
                     "status": "error",
                     "prediction_id": None,
                     "prediction": None,
@@ -331,6 +331,7 @@ class PredictionBatchOperator(BaseOperator):
             await asyncio.gather(*others, return_exceptions=True)
 
     def _trigger(self, state: BatchState) -> PredictionBatchTrigger:
+        hold: float | None
         if state.waiting and not state.halted:
             enough, hold = max(1, math.ceil(self.max_in_flight * REFILL_SHARE)), REFILL_HOLD
         else:

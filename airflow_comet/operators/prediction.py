@@ -71,6 +71,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
     template_fields_renderers: ClassVar[dict[str, str]] = {"input": "json"}
     ui_color = "#e8e4fb"
     operator_extra_links = (PredictionLink(),)
+    poll_interval: float  # a plain attribute here; the mixin only reads it
 
     def __init__(
         self,
@@ -181,7 +182,7 @@ class CreatePredictionOperator(PredictionWaitMixin, BaseOperator):
         try:
             from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
         except ImportError:  # Airflow 2 without the standard provider
-            from airflow.triggers.temporal import TimeDeltaTrigger  # type: ignore[no-redef]
+            from airflow.triggers.temporal import TimeDeltaTrigger  # type: ignore[no-redef,import-not-found]  # Airflow 2 only
 
         delay = float(error.retry_after or LONGEST_SLEEP_IN_WORKER)
         self.log.info("CometAPI asked to wait %.0f s before creating (%s); waiting in the triggerer", delay, error)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from airflow_comet.testing.state import RequestRecord, SimulatorState
+
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Middleware
 
 __all__ = ["ADMIN_PREFIX", "ENDPOINT", "MODEL", "PREDICTION_ID", "recorder"]
 
@@ -25,7 +28,7 @@ MODEL: Any = _RequestKey("sim_model", str) if _RequestKey else "sim_model"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def recorder(state: SimulatorState, server: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def recorder(state: SimulatorState, server: str) -> Middleware:
     """Outermost middleware: handlers tag the request (ENDPOINT, PREDICTION_ID, MODEL)
     and this records it once the status is known, whatever way the handler ended."""
     skip_admin = server == "api"

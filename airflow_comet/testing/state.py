@@ -211,7 +211,8 @@ class SimulatorState:
         with self.lock:
             self.faults = faults
             now = time.monotonic()
-            self._armed = {None: self._arm(faults, now)}
+            # Keyed by model, None for the faults that govern every other model.
+            self._armed: dict[str | None, _Armed] = {None: self._arm(faults, now)}
             for model, sub in faults.per_model.items():
                 self._armed[model] = self._arm(sub, now)
 

@@ -108,6 +108,7 @@ class EndCollector:
     def _event(self, index: int, future: asyncio.Future[Any], log: Any) -> dict[str, Any] | None:
         """The end event of the outcome in ``future``; ``None`` (and follows on) when the wait goes on."""
         watch = self._watches[index]
+        event: dict[str, Any]
         try:
             outcome = future.result()
         except Exception as error:  # noqa: BLE001 - this item's wait failed; the others go on
@@ -176,7 +177,8 @@ class PredictionBatchTrigger(PredictionTrigger):
         not_before: float | None = None,
     ) -> None:
         BaseTrigger.__init__(self)
-        self.running = [[int(index), str(pid), float(created)] for index, pid, created in running]
+        # [index, prediction_id, created_epoch] lists (not tuples), the form serialize() hands back.
+        self.running: list[list[Any]] = [[int(index), str(pid), float(created)] for index, pid, created in running]
         self.cometapi_conn_id = cometapi_conn_id
         self.poll_interval = float(poll_interval)
         self.end_time = float(end_time) if end_time is not None else None
