@@ -294,6 +294,21 @@ def test_single_url_output_is_accepted(sim, dest):
     assert dest.names() == [f"{prediction['id']}-0.jpg"]
 
 
+def test_the_json_text_of_an_end_from_trigger_xcom_is_read_as_its_value(sim, dest):
+    # Airflow 3.3's triggerer stores the XComs of a task it ends JSON-encoded, and a downstream task gets that
+    # text: the id with its quotes, or the prediction as a JSON object (benchmarks/real_airflow.py, shape b).
+    by_id = succeeded(sim, output_format="webp")
+    as_object = succeeded(sim, output_format="webp")
+
+    [from_id] = persist(json.dumps(by_id["id"]), dest)
+    [from_object] = persist(json.dumps(as_object), dest)
+
+    assert (from_id["prediction_id"], from_object["prediction_id"]) == (by_id["id"], as_object["id"])
+    assert dest.names() == sorted([f"{by_id['id']}-0.webp", f"{as_object['id']}-0.webp"])
+    with pytest.raises(ValueError, match="prediction must be a prediction object or a prediction id"):
+        persist('"../x"', dest)
+
+
 def test_rerun_overwrites_the_same_names(sim, dest):
     prediction = succeeded(sim, num_outputs=2, output_format="png")
     first = persist(prediction, dest)

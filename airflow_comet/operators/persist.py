@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,9 @@ class PersistPredictionOutputOperator(BaseOperator):
         super().__init__(**kwargs)
         # Static values are checked now, so that a typo fails when the DAG is parsed.
         if isinstance(prediction, str) and not is_templated(prediction):
-            _id_from_text(prediction)
+            given = _from_json_text(prediction)
+            if isinstance(given, str):
+                _id_from_text(given)
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
         if isinstance(download_retries, bool) or not isinstance(download_retries, int) or download_retries < 0:
@@ -158,6 +161,8 @@ class PersistPredictionOutputOperator(BaseOperator):
 
     def _load_prediction(self) -> dict[str, Any]:
         value = self.prediction
+        if isinstance(value, str):
+            value = _from_json_text(value)
         if isinstance(value, str):
             prediction_id = _id_from_text(value)
             value = CometAPIHook(cometapi_conn_id=self.cometapi_conn_id).get_prediction(prediction_id)
@@ -265,6 +270,20 @@ def output_urls(prediction: Mapping[str, Any]) -> list[str]:
             f"Prediction {prediction_id} succeeded but has no output files (output is {output!r:.80})"
         )
     return [check_output_url(url, f"prediction {prediction_id} output[{i}]") for i, url in enumerate(output)]
+
+
+def _from_json_text(value: str) -> Any:
+    """``value`` decoded when it is JSON text of an id or a prediction object, else ``value`` itself.
+
+    Airflow 3.3's triggerer stores the XComs of a task it ends (``end_from_trigger``) JSON-encoded, and the task
+    SDK hands them to downstream tasks as that text (``'"<id>"'``, ``'{"id": ...}'``), not as the value."""
+    text = value.strip()
+    if text[:1] in ('"', "{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return value
 
 
 def _id_from_text(value: str) -> str:
