@@ -1,6 +1,7 @@
 # airflow-comet developer commands (GNU make).
 #
-#   make test               venv for Airflow $(AIRFLOW) (default 3.3) from the lock file, then pytest
+#   make test               venv for Airflow $(AIRFLOW) (default 3.3) from the lock file, lint (3.3), then pytest
+#   make lint               ruff check, ruff format --check and mypy on airflow_comet/ (pinned in the lock)
 #   make test AIRFLOW=2.11  the same against Airflow 2.11
 #   make test-all           Airflow 2.11, then Airflow 3.3 (what CI runs)
 #   make demo               runs python -m airflow_comet.demo (the nightly batch example on the simulator)
@@ -28,7 +29,7 @@ DEMO_HOME := $(CURDIR)/.venv/airflow-home-demo
 SHELL := /bin/bash
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-all demo lock clean
+.PHONY: venv test test-all demo lock clean lint
 
 ifeq ($(wildcard $(LOCK)),)
 $(error No lock file $(LOCK) (AIRFLOW=$(AIRFLOW)); supported: $(AIRFLOW_VERSIONS))
@@ -67,7 +68,13 @@ $(STAMP): $(LOCK) pyproject.toml $(UV)
 	@VIRTUAL_ENV=$(VENV) $(UV) pip install -q --python $(VENV)/bin/python --no-deps -e .
 	@touch $@
 
+# Lint and types are checked once, in the Airflow 3.3 venv (mypy's view of Airflow's own types is 3.3's).
+lint: $(STAMP)
+	@echo "==> ruff check, ruff format --check, mypy (airflow_comet/)"
+	@$(VENV)/bin/ruff check airflow_comet && $(VENV)/bin/ruff format --check airflow_comet && $(VENV)/bin/mypy
+
 test: $(STAMP)
+	@if [ "$(AIRFLOW)" = 3.3 ]; then $(MAKE) --no-print-directory lint AIRFLOW=3.3; fi
 	@$(call airflow_home,$(TEST_HOME)) \
 	echo "==> pytest $(PYTEST_ARGS) (Airflow $$($(VENV)/bin/python -c 'from importlib.metadata import version; print(version("apache-airflow"))'))" && \
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -16,7 +16,7 @@ import mimetypes
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar, Union
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -25,7 +25,7 @@ from airflow_comet import __version__
 from airflow_comet._address_guard import AddressPolicy, AddressRefused, GuardedAdapter
 from airflow_comet.exceptions import CometAPIError
 from airflow_comet.hooks._protocol import RETRYABLE_STATUS_CODES, parse_retry_after
-from airflow_comet.hooks._retry import RetryPolicy, call_with_retries
+from airflow_comet.hooks._retry import Logger, RetryPolicy, call_with_retries
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -50,7 +50,7 @@ CHUNK_SIZE = 1024 * 1024
 _MAX_REDIRECTS = 5
 _MAX_RETRY_WAIT = 60.0
 
-Timeout = Union[float, tuple[float, float]]
+Timeout = float | tuple[float, float]
 T = TypeVar("T")
 
 #: ``output_format`` input -> the Content-Type the file must be served with.
@@ -198,7 +198,7 @@ def plain_session(policy: AddressPolicy | None = None) -> requests.Session:
     return session
 
 
-def address_policy_for(conn_id: str, logger: logging.Logger | None = None) -> AddressPolicy:
+def address_policy_for(conn_id: str, logger: Logger | None = None) -> AddressPolicy:
     """Where output files may be fetched from: public addresses, plus the exceptions of CometAPI connection
     ``conn_id`` (its extra ``allowed_output_hosts``; loopback when its own host is loopback). Without that
     connection, public addresses only."""
@@ -243,9 +243,7 @@ def download(
     except requests.exceptions.TooManyRedirects:
         raise OutputDownloadError(f"Downloading {shown}: more than {_MAX_REDIRECTS} redirects") from None
     except requests.exceptions.RequestException as e:
-        raise OutputDownloadError(
-            f"Downloading {shown} failed: {type(e).__name__}", retryable=True
-        ) from e
+        raise OutputDownloadError(f"Downloading {shown} failed: {type(e).__name__}", retryable=True) from e
     with response:
         final_url = display_url(response.url or url)
         _check_status(response, shown)
@@ -325,7 +323,7 @@ def _encoded(response: requests.Response) -> bool:
     return (response.headers.get("Content-Encoding") or "identity").strip().lower() != "identity"
 
 
-def with_retries(func: Callable[[], T], *, policy: RetryPolicy, logger: logging.Logger, what: str) -> T:
+def with_retries(func: Callable[[], T], *, policy: RetryPolicy, logger: Logger, what: str) -> T:
     """Run ``func`` under the hook's retry policy (same backoff and ``Retry-After`` handling)."""
     # Downloads change nothing on the server: always safe to send again.
     return call_with_retries(func, policy=policy, idempotent=True, logger=logger, what=what)

@@ -221,7 +221,9 @@ class PredictionPoller:
         # triggerer), but never longer than poll_interval, the longest gap this wait promises.
         retry_after = min(getattr(error, "retry_after", None) or 0.0, self.poll_interval)
         return replace(
-            outcome, delay=self._clip(max(outcome.delay, retry_after), now), problem=f"the status check failed ({error})"
+            outcome,
+            delay=self._clip(max(outcome.delay, retry_after), now),
+            problem=f"the status check failed ({error})",
         )
 
     def _keep_polling(self, now: float, after_error: int = 0) -> PollOutcome:

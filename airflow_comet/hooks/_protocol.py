@@ -49,9 +49,7 @@ _DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 def validate_model(model: Any) -> str:
     """Return ``model`` if it is ``owner/name``; raise a ValueError naming the value otherwise."""
     if not isinstance(model, str) or not _MODEL_RE.match(model):
-        raise ValueError(
-            f"model must be 'owner/name' (for example 'black-forest-labs/flux-schnell'), got {model!r}"
-        )
+        raise ValueError(f"model must be 'owner/name' (for example 'black-forest-labs/flux-schnell'), got {model!r}")
     return model
 
 

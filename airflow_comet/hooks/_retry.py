@@ -12,12 +12,11 @@ loops themselves are a few lines, small enough not to need tenacity.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from airflow_comet.exceptions import (
     CometAPIAmbiguousCreateError,
@@ -27,6 +26,14 @@ from airflow_comet.exceptions import (
 )
 
 T = TypeVar("T")
+
+
+class Logger(Protocol):
+    """What the retry loops log through: a stdlib logger, or the structlog one of an Airflow 3 task."""
+
+    def info(self, msg: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+    def warning(self, msg: str, /, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class RetryPolicy:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def after_failure(
-        self, error: CometAPIError, attempt: int, *, idempotent: bool, logger: logging.Logger, what: str
+        self, error: CometAPIError, attempt: int, *, idempotent: bool, logger: Logger, what: str
     ) -> float:
         """After failed attempt number ``attempt`` (1-based): the seconds to wait before the next attempt.
 
@@ -86,9 +93,7 @@ class RetryPolicy:
         return delay
 
 
-def call_with_retries(
-    send: Callable[[], T], *, policy: RetryPolicy, idempotent: bool, logger: logging.Logger, what: str
-) -> T:
+def call_with_retries(send: Callable[[], T], *, policy: RetryPolicy, idempotent: bool, logger: Logger, what: str) -> T:
     """``send()`` until it returns, retrying the :class:`CometAPIError` s ``policy`` retries (blocking sleeps)."""
     attempt = 1
     while True:
@@ -101,7 +106,7 @@ def call_with_retries(
 
 
 async def acall_with_retries(
-    send: Callable[[], Awaitable[T]], *, policy: RetryPolicy, idempotent: bool, logger: logging.Logger, what: str
+    send: Callable[[], Awaitable[T]], *, policy: RetryPolicy, idempotent: bool, logger: Logger, what: str
 ) -> T:
     """Async :func:`call_with_retries` (the event loop runs on while it waits)."""
     attempt = 1

@@ -167,7 +167,8 @@ def tls_context(verify: bool | str, cert: str | tuple[str, str] | None) -> ssl.S
                 context = ssl.create_default_context(cafile=cas)
             if cert is not None:
                 # No password prompt on a terminal the triggerer does not have: an encrypted key fails here.
-                context.load_cert_chain(*((cert,) if isinstance(cert, str) else cert), password=lambda: b"")
+                certfile, keyfile = (cert, None) if isinstance(cert, str) else cert
+                context.load_cert_chain(certfile, keyfile, password=lambda: b"")
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: an unreadable bundle or key
             raise CometAPIConfigError(f"cannot load the TLS settings ({error})") from None
         _tls_contexts[key] = context

@@ -65,7 +65,7 @@ class ConnectionSettings:
         if not api_key:
             raise CometAPIConfigError(
                 f"Connection {conn_id!r} has no CometAPI key: put the key in the connection's password "
-                "field (AIRFLOW_CONN_..._='{\"conn_type\": \"cometapi\", \"password\": \"<key>\"}')."
+                'field (AIRFLOW_CONN_..._=\'{"conn_type": "cometapi", "password": "<key>"}\').'
             )
         if not all("!" <= c <= "~" for c in api_key):
             # Keys are printable ASCII. Checked here, for both transports: requests would fail with a bare

@@ -65,9 +65,7 @@ def _key(conn_id: str) -> tuple[str, str]:
     return ("settings", conn_id)
 
 
-async def cached_settings(
-    conn_id: str, load: Callable[[], Awaitable[ConnectionSettings]]
-) -> ConnectionSettings:
+async def cached_settings(conn_id: str, load: Callable[[], Awaitable[ConnectionSettings]]) -> ConnectionSettings:
     """The settings of ``conn_id``: ``load()``-ed at most once per :data:`SETTINGS_TTL` in the running loop."""
     state, key = loop_state(), _key(conn_id)
     now = asyncio.get_running_loop().time()
@@ -113,7 +111,6 @@ def settings_refused(conn_id: str, api_key: str) -> bool:
     entry.expires = now  # expired, not dropped: the entry of the next lookup takes ``refused`` over
     entry.refused = (digest, now)
     return True
-
 
 
 def forget_settings(conn_id: str) -> None:

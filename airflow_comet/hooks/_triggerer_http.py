@@ -155,7 +155,11 @@ class Lease:
         except aiohttp.ClientConnectorCertificateError as e:
             raise certificate_error(settings, f"{e.host}:{e.port}: {e.certificate_error}") from None
         except aiohttp.ClientConnectorError as e:  # refused, unknown host, TLS handshake, the proxy unreachable
-            what = "connection to the proxy failed" if isinstance(e, aiohttp.ClientProxyConnectionError) else "connection failed"
+            what = (
+                "connection to the proxy failed"
+                if isinstance(e, aiohttp.ClientProxyConnectionError)
+                else "connection failed"
+            )
             raise transport_error(settings, method, path, what, e, maybe_sent=False) from None
         except aiohttp.ConnectionTimeoutError as e:
             raise transport_error(settings, method, path, "connect timed out", e, maybe_sent=False) from None

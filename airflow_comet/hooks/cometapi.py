@@ -60,9 +60,7 @@ class CometAPIHook(BaseHook):
     hook_name = "CometAPI"
     default_host = DEFAULT_HOST
 
-    def __init__(
-        self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None
-    ) -> None:
+    def __init__(self, cometapi_conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None) -> None:
         super().__init__()
         self.cometapi_conn_id = cometapi_conn_id
         self._retry_policy = retry_policy
@@ -235,9 +233,7 @@ class CometAPIHook(BaseHook):
         idempotent: bool,
     ) -> dict[str, Any]:
         lease = await self._alease()
-        answer = await lease.send(
-            settings, method, path, body, headers, hold, urgent=urgent, idempotent=idempotent
-        )
+        answer = await lease.send(settings, method, path, body, headers, hold, urgent=urgent, idempotent=idempotent)
         try:
             return self._parse(settings, method, path, answer.status, answer.headers, answer.body)
         except CometAPIAuthError:
@@ -277,9 +273,7 @@ class CometAPIHook(BaseHook):
             # The API's own text goes into the message: make sure it cannot echo the key back.
             _scrub(error, settings.api_key)
             if isinstance(error, CometAPIAuthError):
-                error.message += (
-                    f" Check the CometAPI key in connection {settings.conn_id!r} (its password field)."
-                )
+                error.message += f" Check the CometAPI key in connection {settings.conn_id!r} (its password field)."
                 error.args = (error.message,)
             raise
 
@@ -339,7 +333,8 @@ class CometAPIHook(BaseHook):
         except CometAPIResponseError as error:
             return self._cancel_unsupported(prediction_id, error)
 
-    def _cancel_unsupported(self, prediction_id: str, error: CometAPIResponseError) -> None:
+    def _cancel_unsupported(self, prediction_id: str, error: CometAPIResponseError) -> dict[str, Any] | None:
+        """``None`` (logged) when the API has no cancel endpoint, as CometAPI documents none; else ``error``."""
         if isinstance(error, CometAPINotFoundError) or error.status_code in (404, 405, 501):
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import Asset, BaseOperator
 
@@ -30,9 +30,9 @@ from airflow_comet.validation import is_templated, validate_prediction_id
 
 if TYPE_CHECKING:
     import requests
+    from airflow.providers.common.compat.sdk import Context, ObjectStoragePath
 
     from airflow_comet._address_guard import AddressPolicy
-    from airflow.providers.common.compat.sdk import Context, ObjectStoragePath
 
 
 class PersistPredictionOutputOperator(BaseOperator):
@@ -84,7 +84,7 @@ class PersistPredictionOutputOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("prediction", "destination", "destination_conn_id")
-    template_fields_renderers = {"prediction": "json"}
+    template_fields_renderers: ClassVar[dict[str, str]] = {"prediction": "json"}
     ui_color = "#e4f4ec"
 
     def __init__(
@@ -134,7 +134,9 @@ class PersistPredictionOutputOperator(BaseOperator):
         self._lineage = {"model": prediction.get("model"), "prediction_ids": [prediction_id], "outputs": []}
         if prediction.get("status") != "succeeded":  # ended, and fail_on_error=False let it through
             self.log.warning(
-                "Prediction %s ended %s (%s): nothing to persist", prediction_id, prediction.get("status"),
+                "Prediction %s ended %s (%s): nothing to persist",
+                prediction_id,
+                prediction.get("status"),
                 prediction.get("error") or "no error given",
             )
             return []
@@ -146,8 +148,15 @@ class PersistPredictionOutputOperator(BaseOperator):
 
         timeout = tuple(self.timeout) if isinstance(self.timeout, list) else self.timeout
         files = persist_outputs(
-            prediction_id, urls, folder, accepted=accepted, max_bytes=self.max_bytes, timeout=timeout, policy=policy,
-            logger=self.log, addresses=address_policy_for(self.cometapi_conn_id, self.log),
+            prediction_id,
+            urls,
+            folder,
+            accepted=accepted,
+            max_bytes=self.max_bytes,
+            timeout=timeout,
+            policy=policy,
+            logger=self.log,
+            addresses=address_policy_for(self.cometapi_conn_id, self.log),
         )
         self._annotate_asset_events(context, prediction_id, files)
         self._lineage["outputs"] = [record["path"] for record in files]
@@ -189,7 +198,7 @@ class PersistPredictionOutputOperator(BaseOperator):
         outlet_events = context.get("outlet_events") if outlets else None
         if outlet_events is None:
             return
-        extra = {
+        extra: dict[str, Any] = {
             "prediction_id": prediction_id,
             "files": [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]} for f in files],
         }

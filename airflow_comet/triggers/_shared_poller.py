@@ -75,7 +75,6 @@ BACKLOG_GRACE = 0.5
 SINGLE_ATTEMPT = RetryPolicy(max_retries=0)
 
 
-
 class Watch:
     """One prediction followed by the shared poller: its :class:`~airflow_comet.polling.PredictionPoller`
     (:attr:`poller`: the decisions, as in the worker's blocking wait) and what its trigger hears, through
@@ -362,9 +361,7 @@ class SharedPoller:
             watch._tell(outcome)
 
     @staticmethod
-    async def _decide(
-        hook: CometAPIHook, poller: PredictionPoller, lookup_error: CometAPIError | None
-    ) -> PollOutcome:
+    async def _decide(hook: CometAPIHook, poller: PredictionPoller, lookup_error: CometAPIError | None) -> PollOutcome:
         """One status check (unless the lookup already failed) and the poller's decision on it."""
         if lookup_error is not None:
             return poller.on_error(lookup_error, time.time())

@@ -13,7 +13,6 @@ from airflow_comet.exceptions import CometAPIConfigError, CometAPIError
 from airflow_comet.hooks.cometapi import CometAPIHook, aconnection_settings
 from airflow_comet.triggers._shared_poller import Watch, shared_poller
 
-
 #: Pauses between the tries of a trigger's first connection lookup (see ``_check_connection``).
 LOOKUP_PAUSES = (3.0, 9.0, 18.0)
 
@@ -127,7 +126,7 @@ class PredictionTrigger(BaseTrigger):
                     self.log.warning("Status check of prediction %s: %s", self.prediction_id, outcome.problem)
         except (asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as error:  # noqa: BLE001 - the task must hear about it, not the triggerer's log only
+        except Exception as error:
             self.log.exception("Waiting for prediction %s failed", self.prediction_id)
             yield TriggerEvent(
                 {
@@ -182,7 +181,7 @@ class PredictionTrigger(BaseTrigger):
                 return
             except CometAPIConfigError:
                 raise
-            except Exception as error:  # noqa: BLE001 - not found, access denied, unreachable: ask again
+            except Exception as error:
                 if pause is None:
                     raise
                 self.log.warning(
@@ -209,7 +208,9 @@ class PredictionTrigger(BaseTrigger):
                 _uncancel()
         if not work.done():
             work.cancel()
-            self.log.warning("Gave up cancelling %s after %.0f s; it may still be running.", self._cancelled_what(), budget)
+            self.log.warning(
+                "Gave up cancelling %s after %.0f s; it may still be running.", self._cancelled_what(), budget
+            )
             return
         work.result()  # its error, if any, is logged by the triggerer
 
@@ -242,14 +243,14 @@ class PredictionTrigger(BaseTrigger):
         if ti is None:
             return None
         try:
-            from asgiref.sync import sync_to_async
             from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+            from asgiref.sync import sync_to_async
 
             map_index = getattr(ti, "map_index", -1)
             states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
                 dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=map_index
             )
-        except Exception:  # noqa: BLE001 - an unknown state must not stop a real cancel
+        except Exception:
             self.log.warning("Could not read the state of task %s", getattr(ti, "task_id", "?"), exc_info=True)
             return None
         key = ti.task_id if map_index is None or map_index < 0 else f"{ti.task_id}_{map_index}"
