@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -46,3 +45,21 @@ def sim(monkeypatch: pytest.MonkeyPatch):
     with CometAPISimulator(api_key=API_KEY, faults=Faults(durations=(0.3, 1.0))) as simulator:
         set_connection(monkeypatch, simulator.base_url)
         yield simulator
+
+
+@pytest.fixture
+def simulator(monkeypatch: pytest.MonkeyPatch):
+    """The simulator with predictions that never finish (for tests of the transport and budget, not of
+    the outcome), and ``cometapi_default`` pointing at it."""
+    from airflow_comet.testing import CometAPISimulator, Faults
+
+    with CometAPISimulator(api_key=API_KEY, faults=Faults(never_finish=True)) as simulator:
+        set_connection(monkeypatch, simulator.base_url)
+        yield simulator
+
+
+def create_running_prediction() -> str:
+    """Create a prediction through ``cometapi_default`` (the worker's transport) and return its id."""
+    from airflow_comet.hooks.cometapi import CometAPIHook
+
+    return CometAPIHook().create_prediction("black-forest-labs/flux-schnell", {"prompt": "a lighthouse"})["id"]

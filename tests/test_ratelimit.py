@@ -14,21 +14,10 @@ import pytest
 from airflow_comet.hooks import _per_loop
 from airflow_comet.hooks._ratelimit import HEADROOM, RequestBudget, request_budget
 from airflow_comet.hooks.cometapi import CometAPIHook
-from airflow_comet.testing import CometAPISimulator, Faults
-from tests.conftest import API_KEY, set_connection
+from airflow_comet.testing import Faults
+from tests.conftest import create_running_prediction, set_connection
 
 MODEL = "black-forest-labs/flux-schnell"
-
-
-@pytest.fixture
-def simulator(monkeypatch: pytest.MonkeyPatch):
-    with CometAPISimulator(api_key=API_KEY, faults=Faults(never_finish=True)) as sim:
-        set_connection(monkeypatch, sim.base_url)
-        yield sim
-
-
-def _create_prediction(sim: CometAPISimulator) -> str:
-    return CometAPIHook().create_prediction(MODEL, {"prompt": "a lighthouse"})["id"]
 
 
 async def _poll(hook: CometAPIHook, prediction_id: str, times: int) -> None:
@@ -42,7 +31,7 @@ async def _poll(hook: CometAPIHook, prediction_id: str, times: int) -> None:
 def test_concurrent_hooks_stay_within_the_budget_in_every_second(simulator, monkeypatch):
     rate, hooks, polls = 20, 30, 2
     set_connection(monkeypatch, simulator.base_url, max_requests_per_second=rate)
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
 
     async def run() -> float:
         started = time.monotonic()
@@ -69,7 +58,7 @@ def test_concurrent_hooks_stay_within_the_budget_in_every_second(simulator, monk
 
 
 def test_no_budget_means_no_waiting(simulator):
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
 
     async def run() -> float:
         started = time.monotonic()
@@ -82,7 +71,7 @@ def test_no_budget_means_no_waiting(simulator):
 
 
 def test_a_429_with_retry_after_pauses_every_hook_of_the_connection(simulator):
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
     simulator.set_faults(Faults(never_finish=True, rate_limit_429=1, retry_after=1))
 
     async def run() -> None:
@@ -115,7 +104,7 @@ def test_a_429_with_retry_after_pauses_every_hook_of_the_connection(simulator):
 
 def test_hooks_of_other_connections_are_not_paused(simulator, monkeypatch):
     set_connection(monkeypatch, simulator.base_url, conn_id="cometapi_other")
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
 
     async def run() -> float:
         request_budget("cometapi_default", None).pause(30)
@@ -129,7 +118,7 @@ def test_hooks_of_other_connections_are_not_paused(simulator, monkeypatch):
 
 def test_a_new_event_loop_gets_a_fresh_budget(simulator, monkeypatch):
     set_connection(monkeypatch, simulator.base_url, max_requests_per_second=5)
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
     seen: list[RequestBudget] = []
 
     async def run(pause: float) -> float:
@@ -259,7 +248,7 @@ def test_urgent_requests_keep_the_spacing_and_wait_out_a_pause():
 def test_a_cancel_is_not_stuck_behind_the_queued_status_checks(simulator, monkeypatch):
     """on_kill has about 25 s: at 2 requests a second, a cancel behind 20 queued checks would take 10 s."""
     set_connection(monkeypatch, simulator.base_url, max_requests_per_second=2)
-    polled, cancelled = _create_prediction(simulator), _create_prediction(simulator)
+    polled, cancelled = create_running_prediction(), create_running_prediction()
 
     async def run() -> float:
         hooks = [CometAPIHook() for _ in range(8)]

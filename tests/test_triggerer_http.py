@@ -19,22 +19,10 @@ from airflow_comet.hooks import _triggerer_http
 from airflow_comet.hooks._per_loop import loop_state
 from airflow_comet.hooks._settings_cache import forget_settings
 from airflow_comet.hooks.cometapi import CometAPIHook
-from airflow_comet.testing import CometAPISimulator, Faults
-from tests.conftest import API_KEY, set_connection
+from tests.conftest import API_KEY, create_running_prediction, set_connection
 from tests.raw_server import OK, RawServer
 
 MODEL = "black-forest-labs/flux-schnell"
-
-
-@pytest.fixture
-def simulator(monkeypatch: pytest.MonkeyPatch):
-    with CometAPISimulator(api_key=API_KEY, faults=Faults(never_finish=True)) as sim:
-        set_connection(monkeypatch, sim.base_url)
-        yield sim
-
-
-def _create_prediction(sim: CometAPISimulator) -> str:
-    return CometAPIHook().create_prediction(MODEL, {"prompt": "a lighthouse"})["id"]
 
 
 def _sessions() -> list[_triggerer_http._Shared]:
@@ -51,7 +39,7 @@ def _one_shot(monkeypatch: pytest.MonkeyPatch, url: str, **extras: object) -> No
 
 
 def test_hooks_of_one_connection_share_one_session(simulator):
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
     opened_before = simulator.connections_opened("api")
 
     async def run() -> None:
@@ -73,7 +61,7 @@ def test_hooks_of_one_connection_share_one_session(simulator):
 
 
 def test_closing_one_hook_leaves_the_session_open_for_the_others(simulator):
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
 
     async def run() -> None:
         first, second = CometAPIHook(), CometAPIHook()
@@ -95,7 +83,7 @@ def test_closing_one_hook_leaves_the_session_open_for_the_others(simulator):
 
 
 def test_a_cancelled_trigger_gives_its_share_back(simulator):
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
 
     async def run() -> None:
         started = asyncio.Event()
@@ -130,7 +118,7 @@ def test_connections_with_other_keys_or_hosts_do_not_share(simulator, monkeypatc
 
 
 def test_each_event_loop_gets_its_own_session(simulator):
-    pid = _create_prediction(simulator)
+    pid = create_running_prediction()
     hook = CometAPIHook()
     sessions = []
 
