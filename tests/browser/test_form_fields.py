@@ -13,7 +13,7 @@ import pytest
 
 from airflow_comet.exceptions import CometAPIConfigError
 from airflow_comet.get_provider_info import get_provider_info
-from airflow_comet.hooks._protocol import ConnectionSettings
+from airflow_comet.hooks._settings import ConnectionSettings
 
 FIELDS = get_provider_info()["connection-types"][0]["conn-fields"]
 NUMERIC = sorted(name for name, spec in FIELDS.items() if {"number", "integer"} & set(spec["schema"]["type"]))
