@@ -30,12 +30,19 @@ SHAPES = {
     "mapped": "(a) mapped create -> sensor -> persist",
     "end_from_trigger": "(b) mapped create-and-wait (end_from_trigger) -> persist",
     "batch": f"(c) PredictionBatchOperator, {IN_FLIGHT} in flight",
+    "batch_worker": f"(c') PredictionBatchOperator waiting in its worker (deferrable=False), {IN_FLIGHT} in flight",
     "asyncio": f"(d) floor: plain asyncio, {IN_FLIGHT} in flight",
 }
 #: The task ids (endings) of the create-and-wait step, whose worker runs the table shows apart.
-WAIT_STEP = {"mapped": (".create", ".wait"), "end_from_trigger": (".create",), "batch": ("generate",)}
+WAIT_STEP = {
+    "mapped": (".create", ".wait"),
+    "end_from_trigger": (".create",),
+    "batch": ("generate",),
+    "batch_worker": ("generate",),
+}
 #: The chart's labels.
 SHORT = {"mapped": "(a) mapped", "end_from_trigger": "(b) ended by\ntrigger", "batch": "(c) batch",
+         "batch_worker": "(c') batch\nin worker",
          "asyncio": "(d) asyncio"}
 
 

@@ -115,3 +115,18 @@ with _dag("bench_nightly_batch", f"(c) one PredictionBatchOperator, {MAX_IN_FLIG
         timeout=3 * 3600,
         **RETRIES,
     )
+
+
+with _dag("bench_nightly_batch_worker", f"(c') one PredictionBatchOperator waiting in its worker, {MAX_IN_FLIGHT} in flight") as bench_nightly_batch_worker:
+    PredictionBatchOperator(
+        task_id="generate",
+        model=MODEL,
+        inputs=model_inputs(),
+        max_in_flight=MAX_IN_FLIGHT,
+        destination=DESTINATION,
+        max_failures=1_000_000,  # the refused prompts are the workload's; the script counts them
+        deferrable=False,
+        poll_interval=POLL_INTERVAL,
+        timeout=3 * 3600,
+        **RETRIES,
+    )
