@@ -269,44 +269,14 @@ def test_the_connection_goes_to_the_checked_address_not_a_second_answer(monkeypa
     assert file_host.seen[0].headers["Host"] == f"rebind.example:{port}"  # the name is kept for the host
 
 
-def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for the DNS name ``name`` only (no address in it)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def test_tls_is_checked_against_the_host_name_while_connecting_to_the_checked_address(
     monkeypatch, resolver, tmp_path
 ):
     import ssl
 
-    cert, key = _certificate(tmp_path, "secure.allowed.example")
+    from benchmarks._tls_proxy import make_certificate
+
+    cert, key = make_certificate(tmp_path, "secure.allowed.example")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
     set_connection(monkeypatch, PUBLIC_API, allowed_output_hosts="*.allowed.example")
     resolver.names.update({"secure.allowed.example": [["127.0.0.1"]], "other.allowed.example": [["127.0.0.1"]]})

@@ -102,31 +102,29 @@ with _dag(
     prediction.expand(input=model_inputs())
 
 
-with _dag("bench_nightly_batch", f"(c) one PredictionBatchOperator, {MAX_IN_FLIGHT} in flight") as bench_nightly_batch:
-    PredictionBatchOperator(
-        task_id="generate",
-        model=MODEL,
-        inputs=model_inputs(),
-        max_in_flight=MAX_IN_FLIGHT,
-        destination=DESTINATION,
-        max_failures=1_000_000,  # the refused prompts are the workload's; the script counts them
-        deferrable=True,
-        poll_interval=POLL_INTERVAL,
-        timeout=3 * 3600,
-        **RETRIES,
-    )
+def _batch_dag(dag_id: str, doc: str, *, deferrable: bool) -> DAG:
+    """(c) and (c'): the same PredictionBatchOperator, waiting in the triggerer or in its worker."""
+    with _dag(dag_id, doc) as dag:
+        PredictionBatchOperator(
+            task_id="generate",
+            model=MODEL,
+            inputs=model_inputs(),
+            max_in_flight=MAX_IN_FLIGHT,
+            destination=DESTINATION,
+            max_failures=1_000_000,  # the refused prompts are the workload's; the script counts them
+            deferrable=deferrable,
+            poll_interval=POLL_INTERVAL,
+            timeout=3 * 3600,
+            **RETRIES,
+        )
+    return dag
 
 
-with _dag("bench_nightly_batch_worker", f"(c') one PredictionBatchOperator waiting in its worker, {MAX_IN_FLIGHT} in flight") as bench_nightly_batch_worker:
-    PredictionBatchOperator(
-        task_id="generate",
-        model=MODEL,
-        inputs=model_inputs(),
-        max_in_flight=MAX_IN_FLIGHT,
-        destination=DESTINATION,
-        max_failures=1_000_000,  # the refused prompts are the workload's; the script counts them
-        deferrable=False,
-        poll_interval=POLL_INTERVAL,
-        timeout=3 * 3600,
-        **RETRIES,
-    )
+bench_nightly_batch = _batch_dag(
+    "bench_nightly_batch", f"(c) one PredictionBatchOperator, {MAX_IN_FLIGHT} in flight", deferrable=True
+)
+bench_nightly_batch_worker = _batch_dag(
+    "bench_nightly_batch_worker",
+    f"(c') one PredictionBatchOperator waiting in its worker, {MAX_IN_FLIGHT} in flight",
+    deferrable=False,
+)
