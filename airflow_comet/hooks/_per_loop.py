@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-__all__ = ["loop_state", "per_loop"]
+__all__ = ["in_worker_loop", "loop_state", "new_worker_loop", "per_loop"]
 
 T = TypeVar("T")
 
@@ -25,9 +25,16 @@ _loops: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], dict[Hashable, A
 _lock = threading.Lock()  # loops of other threads may make their state at the same time
 
 
+#: Key of the flag set in a worker's own event loop (see :func:`new_worker_loop`).
+_WORKER_LOOP = "worker_loop"
+
+
 def loop_state() -> dict[Hashable, Any]:
     """The running loop's state: a dict its users keep their entries in, under keys of their own."""
-    loop = asyncio.get_running_loop()
+    return _state_of(asyncio.get_running_loop())
+
+
+def _state_of(loop: asyncio.AbstractEventLoop) -> dict[Hashable, Any]:
     entry = _loops.get(id(loop))
     if entry is None or entry[0]() is not loop:
         with _lock:
@@ -49,3 +56,23 @@ def per_loop(key: Hashable, make: Callable[..., T], *args: Any) -> T:
     if value is None:
         value = state[key] = make(*args)
     return value
+
+
+def new_worker_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for a task that runs async code in its worker between blocking calls.
+
+    Such a task talks to Airflow's supervisor with blocking calls (connection lookups, the task state store),
+    from its main thread and from threads. Async code in the loop must not use the task SDK's async calls as
+    well: a lookup in flight when ``run_until_complete`` returns keeps the comms lock (taken in an executor
+    thread, released only when its coroutine runs again), and the next blocking call waits for it forever.
+    In this loop :func:`in_worker_loop` is true, and connections are looked up with the blocking call in a
+    thread instead.
+    """
+    loop = asyncio.new_event_loop()
+    _state_of(loop)[_WORKER_LOOP] = True
+    return loop
+
+
+def in_worker_loop() -> bool:
+    """Whether the running loop was made by :func:`new_worker_loop`."""
+    return bool(loop_state().get(_WORKER_LOOP))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from airflow_comet.exceptions import CometAPIAuthError, CometAPIError, CometAPIN
 from airflow_comet.hooks import _protocol as protocol
 from airflow_comet.hooks._errors import proxy_auth_error
 from airflow_comet.hooks._masking import mask
+from airflow_comet.hooks._per_loop import in_worker_loop
 from airflow_comet.hooks._protocol import DEFAULT_HOST, USER_AGENT
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
 from airflow_comet.hooks._settings import ConnectionSettings
@@ -97,10 +99,14 @@ class CometAPIHook(BaseHook):
     def settings(self) -> ConnectionSettings:
         """The connection's parsed settings (looked up once, synchronously)."""
         if self._settings is None:
-            conn = self.get_connection(self.cometapi_conn_id)
-            self._settings = ConnectionSettings.from_connection(conn, conn.extra_dejson)
-            mask(self._settings.api_key)
+            self._settings = self._look_up_settings()
         return self._settings
+
+    def _look_up_settings(self) -> ConnectionSettings:
+        conn = self.get_connection(self.cometapi_conn_id)
+        settings = ConnectionSettings.from_connection(conn, conn.extra_dejson)
+        mask(settings.api_key)
+        return settings
 
     async def aget_settings(self) -> ConnectionSettings:
         """The connection's parsed settings, looked up without blocking the event loop (and shared with the
@@ -110,6 +116,9 @@ class CometAPIHook(BaseHook):
         return self._settings
 
     async def _alook_up_settings(self) -> ConnectionSettings:
+        if in_worker_loop():
+            # A task's own loop in the worker: the blocking lookup, in a thread (see new_worker_loop).
+            return await asyncio.to_thread(self._look_up_settings)
         from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 
         conn = await get_async_connection(self.cometapi_conn_id, hook=type(self))

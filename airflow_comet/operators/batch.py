@@ -16,6 +16,7 @@ from airflow_comet.batch_inputs import check_static_inputs, inputs_digest, load_
 from airflow_comet.batch_state import BatchState, slim_prediction
 from airflow_comet.batch_work import cancel_all, create_items, created_at, settle
 from airflow_comet.exceptions import PredictionFailedError
+from airflow_comet.hooks._per_loop import new_worker_loop
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.manifest import raise_for_failures, summary, write_manifest
 from airflow_comet.operators._waiting import PredictionWaitMixin
@@ -220,9 +221,12 @@ class PredictionBatchOperator(BaseOperator):
     ) -> list[dict[str, Any]]:
         self._state = state
         folder = destination_folder(self.destination, self.destination_conn_id) if self.destination else None
+        # Looked up once per run of the worker, with the blocking call, before the loop exists.
+        addresses = address_policy_for(self.cometapi_conn_id, self.log)
         # One event loop for this run of the worker: the creates' pool, budget and (when waiting here) the
-        # shared poller live in it across rounds.
-        loop = asyncio.new_event_loop()
+        # shared poller live in it across rounds. A worker loop: connection lookups in it stay blocking calls
+        # (in a thread), never mixed with the task SDK's async ones (see new_worker_loop).
+        loop = new_worker_loop()
         self._collector: EndCollector | None = None
         self._async_hook = CometAPIHook(cometapi_conn_id=self.cometapi_conn_id)
         try:
@@ -234,7 +238,7 @@ class PredictionBatchOperator(BaseOperator):
                     folder,
                     item_retries=self.item_retries,
                     log=self.log,
-                    addresses=address_policy_for(self.cometapi_conn_id, self.log),
+                    addresses=addresses,
                     cancel=(lambda ids: cancel_all(self.hook, ids, log=self.log)) if self.cancel_on_kill else None,
                 )
                 if state.end_time is not None and time.time() >= state.end_time and state.waiting:
