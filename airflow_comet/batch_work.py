@@ -69,11 +69,12 @@ async def create_items(
     items: Sequence[tuple[int, int, Mapping[str, Any]]],
     *,
     ledger: resume.BatchLedger,
-    earlier: dict[int, tuple[str, str]],
+    earlier: dict[int, tuple[str, str, int]],
     log: Any,
 ) -> list[Created]:
     """Create ``(index, attempts so far, input)`` items concurrently; an item an earlier try of the task
-    started (``earlier``, same fingerprint) is resumed when it is still running or recently succeeded."""
+    started (``earlier``: id, fingerprint, attempts; same fingerprint) is resumed when it is still running,
+    recently succeeded or failed, and its attempts count on from the earlier try's."""
 
     async def one(index: int, attempts: int, model_input: Mapping[str, Any]) -> Created:
         try:
@@ -86,7 +87,9 @@ async def create_items(
         if known is not None and known[1] == digest and attempts == 0:
             resumed = await _resume(hook, index, known[0], log)
             if resumed is not None:
-                return Created(index, attempts + 1, resumed)
+                return Created(index, known[2], resumed)
+            # Created anew (cancelled, or a success whose outputs expired): it still counts the earlier ones.
+            attempts = known[2]
         try:
             prediction = await hook.acreate_prediction(model, payload)
         except _FATAL as error:
@@ -101,7 +104,7 @@ async def create_items(
         # Before anything else: a worker lost from here on must not cost this item a second prediction. In a
         # thread: on Airflow 3 the store talks to the supervisor with a blocking call, which must not run on
         # the event loop's thread while another request of the loop (a connection lookup) is in flight.
-        recorded = await asyncio.to_thread(ledger.record, index, prediction_id, digest)
+        recorded = await asyncio.to_thread(ledger.record, index, prediction_id, digest, attempts + 1)
         if not recorded and ledger.supported:
             # No retry could ever find it, and this try stops creating: nobody would follow it but the bill.
             try:

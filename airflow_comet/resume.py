@@ -106,23 +106,26 @@ class BatchLedger:
 
     def __init__(self, context: Any) -> None:
         self._store = _store(context)
-        self._chunks: dict[int, dict[str, list[str]]] = {}
+        self._chunks: dict[int, dict[str, list[Any]]] = {}
         self._lock = threading.Lock()
 
     @property
     def supported(self) -> bool:
         return self._store is not None
 
-    def recall(self, total: int) -> dict[int, tuple[str, str]]:
-        """``index -> (prediction id, fingerprint)`` of every item an earlier try recorded."""
-        found: dict[int, tuple[str, str]] = {}
+    def recall(self, total: int) -> dict[int, tuple[str, str, int]]:
+        """``index -> (prediction id, fingerprint, attempts)`` of every item an earlier try recorded (the
+        attempts counting that prediction's create, so ``item_retries`` holds per item, not per try)."""
+        found: dict[int, tuple[str, str, int]] = {}
         if self._store is None:
             return found
         with self._lock:
             for chunk in range(-(-total // BATCH_CHUNK)):
                 for key, value in self._load(chunk).items():
-                    if key.isdigit() and isinstance(value, list) and len(value) == 2 and int(key) < total:
-                        found[int(key)] = (str(value[0]), str(value[1]))
+                    if key.isdigit() and isinstance(value, list) and len(value) in (2, 3) and int(key) < total:
+                        # Two fields: recorded before attempts were kept (one attempt known).
+                        attempts = int(value[2]) if len(value) == 3 else 1
+                        found[int(key)] = (str(value[0]), str(value[1]), attempts)
         return found
 
     def writable(self) -> bool:
@@ -141,15 +144,16 @@ class BatchLedger:
             return False
         return True
 
-    def record(self, index: int, prediction_id: str, digest: str) -> bool:
-        """Save item ``index``'s prediction id with its fingerprint; ``True`` when it was saved."""
+    def record(self, index: int, prediction_id: str, digest: str, attempts: int = 1) -> bool:
+        """Save item ``index``'s prediction id with its fingerprint and the item's creates so far (this one
+        included); ``True`` when it was saved."""
         if self._store is None:
             return False
         chunk = index // BATCH_CHUNK
         with self._lock:
             try:
                 entries = self._load(chunk)
-                entries[str(index)] = [prediction_id, digest]
+                entries[str(index)] = [prediction_id, digest, attempts]
                 self._store.set(f"{BATCH_KEY}.{chunk}", entries)
             except Exception:
                 log.warning(
@@ -161,7 +165,7 @@ class BatchLedger:
                 return False
         return True
 
-    def _load(self, chunk: int) -> dict[str, list[str]]:
+    def _load(self, chunk: int) -> dict[str, list[Any]]:
         entries = self._chunks.get(chunk)
         if entries is None:
             try:

@@ -492,10 +492,14 @@ def test_the_ledger_keeps_every_items_id_across_chunks_and_runs():
     for index in (0, 1, BATCH_CHUNK + 5):
         assert first.record(index, f"id{index}", f"fp{index}")
     # A later run of the task (after a deferral) records into the same chunk without dropping the others.
-    assert BatchLedger({"task_state_store": store}).record(2, "id2", "fp2")
+    assert BatchLedger({"task_state_store": store}).record(2, "id2", "fp2", attempts=3)
     assert BatchLedger({"task_state_store": store}).recall(BATCH_CHUNK + 10) == {
-        0: ("id0", "fp0"), 1: ("id1", "fp1"), 2: ("id2", "fp2"), BATCH_CHUNK + 5: (f"id{BATCH_CHUNK + 5}", f"fp{BATCH_CHUNK + 5}"),
+        0: ("id0", "fp0", 1), 1: ("id1", "fp1", 1), 2: ("id2", "fp2", 3),
+        BATCH_CHUNK + 5: (f"id{BATCH_CHUNK + 5}", f"fp{BATCH_CHUNK + 5}", 1),
     }
+    # An entry written before attempts were kept reads as one attempt.
+    store.data["cometapi_batch.0"]["7"] = ["id7", "fp7"]
+    assert BatchLedger({"task_state_store": store}).recall(8)[7] == ("id7", "fp7", 1)
     assert sorted(store.data) == ["cometapi_batch.0", "cometapi_batch.1"]
     assert not BatchLedger({}).supported and BatchLedger({}).recall(5) == {} and not BatchLedger({}).record(0, "x", "y")
 
@@ -513,7 +517,7 @@ async def test_an_earlier_id_is_reused_only_for_the_same_input(sim):
     try:
         created = await create_items(
             hook, FLUX, [(0, 0, {"prompt": "same"}), (1, 0, {"prompt": "changed"})],
-            ledger=BatchLedger({"task_state_store": store}), earlier={0: (earlier_id, same), 1: (earlier_id, same)},
+            ledger=BatchLedger({"task_state_store": store}), earlier={0: (earlier_id, same, 1), 1: (earlier_id, same, 1)},
             log=__import__("logging").getLogger("test"),
         )
     finally:
@@ -527,7 +531,7 @@ async def test_an_earlier_id_is_reused_only_for_the_same_input(sim):
 async def test_an_earlier_trys_failed_prediction_is_its_outcome_and_a_cancelled_one_is_created_again(sim):
     """A task retry (a lost worker) must not pay again for an item CometAPI already failed (a refused prompt);
     ``item_retries`` decides that. A cancelled one (the batch's own deadline or on_kill) is created anew."""
-    from airflow_comet.batch_work import FINGERPRINT_CHARS, create_items
+    from airflow_comet.batch_work import FINGERPRINT_CHARS, create_items, settle
     from airflow_comet.hooks.cometapi import CometAPIHook
     from airflow_comet.resume import BatchLedger, fingerprint
 
@@ -543,16 +547,27 @@ async def test_an_earlier_trys_failed_prediction_is_its_outcome_and_a_cancelled_
         await asyncio.sleep(0.1)
     digests = [fingerprint("cometapi_default", FLUX, item)[:FINGERPRINT_CHARS] for item in inputs]
     async_hook = CometAPIHook()
+    ledger = BatchLedger({"task_state_store": DictStore()})
     try:
         made = await create_items(
-            async_hook, FLUX, [(0, 0, inputs[0]), (1, 0, inputs[1])], ledger=BatchLedger({"task_state_store": DictStore()}),
-            earlier={0: (refused, digests[0]), 1: (cancelled, digests[1])}, log=__import__("logging").getLogger("test"),
+            async_hook, FLUX, [(0, 0, inputs[0]), (1, 0, inputs[1])],
+            earlier={0: (refused, digests[0], 2), 1: (cancelled, digests[1], 1)}, ledger=ledger,
+            log=__import__("logging").getLogger("test"),
         )
     finally:
         await async_hook.aclose()
     assert made[0].prediction["id"] == refused and made[0].prediction["status"] == "failed"
     assert made[1].prediction["id"] != cancelled
     assert len(sim.creates()) == 3  # the two earlier ones and item 1's new one
+    # Attempts count per item across tries: the refused one had its two, the new one is item 1's second.
+    assert [m.attempts for m in made] == [2, 2]
+    assert ledger.recall(2)[1] == (made[1].prediction["id"], digests[1], 2)
+    # With item_retries=1 the refused item, on its second attempt already, ends failed instead of a third create.
+    state = BatchState(total=2, digest="x", started_at=time.time())
+    event = {"status": "failed", "prediction_id": refused, "prediction": made[0].prediction, "message": "refused"}
+    settle(state, [(0, made[0].attempts, event)], inputs, None, item_retries=1, cancel=None,
+           log=__import__("logging").getLogger("test"), addresses=None)
+    assert state.queue == [] and state.done[0][1] == "failed"
 
 
 async def test_a_try_that_cannot_save_ids_stops_creating_and_cancels_what_it_could_not_save(sim):

@@ -216,7 +216,7 @@ class PredictionBatchOperator(BaseOperator):
         model: str,
         inputs: list[dict[str, Any]],
         ledger: BatchLedger,
-        earlier: dict[int, tuple[str, str]],
+        earlier: dict[int, tuple[str, str, int]],
         outcomes: list[tuple[int, int, dict[str, Any]]],
     ) -> list[dict[str, Any]]:
         self._state = state
@@ -276,7 +276,7 @@ class PredictionBatchOperator(BaseOperator):
         model: str,
         inputs: list[dict[str, Any]],
         ledger: BatchLedger,
-        earlier: dict[int, tuple[str, str]],
+        earlier: dict[int, tuple[str, str, int]],
     ) -> list[tuple[int, int, dict[str, Any]]]:
         """Create items into the free places; the outcomes of those that ended at once (or failed to start)."""
         if not await asyncio.to_thread(ledger.writable):

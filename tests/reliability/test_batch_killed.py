@@ -11,6 +11,10 @@ first try, the refused ones included), every item's row in the XCom and in ``man
 (succeeded with its file on disk and its sha256, or failed with the API's error), the run succeeds
 (``max_failures`` allows the refused prompts). A new triggerer is started afterwards so the scenarios that
 follow have two again.
+
+12b: the same batch with ``deferrable=False`` (``rel_batch_worker``) waits in its worker's own event loop; its
+first try is SIGKILLed once it has refilled past 80 items. Same promise, and the retry took over every
+prediction of the first try.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ PROMPTS = 200
 REFUSED = (5, 19, 36, 77, 150, 199)
 #: The first try pauses (and is killed) once it has created at least this many items.
 PAUSE_AFTER = 40
+#: The first try waiting in its worker (12b) is killed once it has refilled past this many items.
+PAUSE_AFTER_IN_WORKER = 80
 #: What the retry logs for each item it takes over from the first try (batch_work._resume).
 RESUMED = re.compile(r"resuming prediction (\w+) \(\w+\) of an earlier try")
 
@@ -76,14 +82,9 @@ def test_batch_survives_a_killed_worker_and_a_killed_triggerer(
     run_id = start_run(dep, DAG_ID, conf=conf, parse_timeout=120)
 
     # 1. The worker dies while the batch creates (its ids are in the task state store, nowhere else).
-    def paused() -> tuple[int, int] | None:
-        try:
-            pid, created = pid_file.read_text().split()
-        except (OSError, ValueError):
-            return None
-        return int(pid), int(created)
-
-    pid, created_by_first_try = wait(dep, paused, 240, f"the batch's first try to create {PAUSE_AFTER} items")
+    pid, created_by_first_try = wait(
+        dep, lambda: paused(pid_file), 240, f"the batch's first try to create {PAUSE_AFTER} items"
+    )
     kill_pid(pid)
     worker_killed = time.monotonic()
     first_try_ids = {c["prediction_id"] for c in creates(sim.requests())}
@@ -113,38 +114,12 @@ def test_batch_survives_a_killed_worker_and_a_killed_triggerer(
     run = dep.wait_for_run(DAG_ID, run_id, timeout=600)
     seconds = time.monotonic() - t0
     requests = sim.requests()
-    predictions = sim.predictions()
     ti = dep.api.task_instance(DAG_ID, run_id, TASK_ID)
     assert run["state"] == "success", dep.run_report(DAG_ID, run_id)
-
-    # Exactly one create per item, nothing cancelled, every prediction ended as the simulator meant it to.
-    per_prompt = Counter(p["input"]["prompt"] for p in predictions)
-    assert per_prompt == Counter(prompt(i) for i in range(PROMPTS)), {k: n for k, n in per_prompt.items() if n != 1}
-    assert len(creates(requests)) == PROMPTS
-    assert cancels(requests) == []
-    by_prompt = {p["input"]["prompt"]: p for p in predictions}
-    assert {i for i in range(PROMPTS) if by_prompt[prompt(i)]["status"] != "succeeded"} == set(REFUSED)
-
-    # Every item's row ends right, in the XCom and in the manifest, with its file on disk.
-    rows = dep.api.xcom(DAG_ID, run_id, TASK_ID)
-    (manifest,) = output.rglob("manifest.jsonl")
-    assert [json.loads(line) for line in manifest.read_text().splitlines()] == rows
-    assert [row["index"] for row in rows] == list(range(PROMPTS))
-    for i, row in enumerate(rows):
-        assert row["input"]["prompt"] == prompt(i) and row["prediction_id"] == by_prompt[prompt(i)]["id"], row
-        if i in REFUSED:
-            assert row["status"] == "failed" and "NSFW" in row["error"] and row["files"] == [], row
-            continue
-        assert row["status"] == "succeeded", row
-        (written,) = row["files"]
-        data = Path(written["path"].removeprefix("file://")).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == written["sha256"] and len(data) == written["size"], row
-    assert len(list(output.rglob("*.webp"))) == PROMPTS - len(REFUSED)
+    check_every_item(dep, sim, DAG_ID, run_id, output)
 
     # The retry took over every prediction of the first try (running, succeeded or refused) instead of creating.
-    retry_log = "\n".join(p.read_text(errors="replace") for p in dep.task_log_files(DAG_ID, run_id, TASK_ID)
-                          if p.name == f"attempt={retry_try}.log")
-    resumed = set(RESUMED.findall(retry_log))
+    resumed = resumed_by(dep, DAG_ID, run_id, retry_try)
     assert resumed == first_try_ids, sorted(first_try_ids - resumed)
     assert "resuming the task" in trigger_log(dep, DAG_ID, run_id, TASK_ID, new_job, ti["try_number"])
 
@@ -165,5 +140,94 @@ def test_batch_survives_a_killed_worker_and_a_killed_triggerer(
         seconds_to_takeover=round(takeover_seconds, 1),
         seconds=round(seconds, 1),
         replacement=f"{name}(job {job})",
-        **poll_figures(requests, [p["id"] for p in predictions]),
+        **poll_figures(requests, [p["id"] for p in sim.predictions()]),
     )
+
+
+def test_batch_waiting_in_its_worker_survives_a_killed_worker(
+    rel_deployment: AirflowDeployment, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """12b: the same batch with ``deferrable=False`` (it waits in its worker's own event loop, refilling at every
+    end); its first try is SIGKILLed after rounds of waiting and refilling, the retry takes every item over."""
+    dep, dag_id = rel_deployment, "rel_batch_worker"
+    t0 = time.monotonic()
+    sim = fresh_simulator(dep, durations=[2.0, 8.0], refused_words=["forbidden"])
+    output = tmp_path / "out"
+    pid_file = Path(dep.home) / f"batch-{uuid.uuid4().hex[:8]}.pid"
+    conf = {"destination": output.as_uri(), "pid_file": str(pid_file), "pause_after": PAUSE_AFTER_IN_WORKER}
+    run_id = start_run(dep, dag_id, conf=conf, parse_timeout=120)
+
+    pid, created_by_first_try = wait(dep, lambda: paused(pid_file), 300, "the batch's first try to refill enough")
+    # It got there by waiting in its worker: predictions ended and their files were written before the kill.
+    files_before_kill = len(list(output.rglob("*.webp")))
+    assert files_before_kill > 0
+    kill_pid(pid)
+    first_try_ids = {c["prediction_id"] for c in creates(sim.requests())}
+    assert len(first_try_ids) == created_by_first_try >= PAUSE_AFTER_IN_WORKER
+
+    run = dep.wait_for_run(dag_id, run_id, timeout=600)
+    seconds = time.monotonic() - t0
+    ti = dep.api.task_instance(dag_id, run_id, TASK_ID)
+    assert run["state"] == "success", dep.run_report(dag_id, run_id)
+    assert ti["try_number"] == 2
+    check_every_item(dep, sim, dag_id, run_id, output)
+    resumed = resumed_by(dep, dag_id, run_id, 2)
+    assert resumed == first_try_ids, sorted(first_try_ids - resumed)
+    report(
+        request,
+        "12b batch in its worker",
+        outcome=f"run {run['state']}, task on try {ti['try_number']}",
+        creates=len(creates(sim.requests())),
+        items=PROMPTS,
+        refused=len(REFUSED),
+        created_by_first_try=created_by_first_try,
+        files_before_kill=files_before_kill,
+        resumed_by_retry=len(resumed),
+        seconds=round(seconds, 1),
+    )
+
+
+def paused(pid_file: Path) -> tuple[int, int] | None:
+    """``(pid, items created)`` once the first try has paused (see rel_batch.PausingBatch)."""
+    try:
+        pid, created = pid_file.read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(pid), int(created)
+
+
+def resumed_by(dep: AirflowDeployment, dag_id: str, run_id: str, try_number: int) -> set[str]:
+    """The ids of the earlier try's predictions that try ``try_number`` took over (its log says so)."""
+    log = "\n".join(
+        p.read_text(errors="replace")
+        for p in dep.task_log_files(dag_id, run_id, TASK_ID)
+        if p.name == f"attempt={try_number}.log"
+    )
+    return set(RESUMED.findall(log))
+
+
+def check_every_item(dep: AirflowDeployment, sim, dag_id: str, run_id: str, output: Path) -> None:
+    """Exactly one create per item, nothing cancelled, and every item's row right in the XCom and the manifest
+    (succeeded with its file on disk and its sha256, or failed with the API's error)."""
+    requests, predictions = sim.requests(), sim.predictions()
+    per_prompt = Counter(p["input"]["prompt"] for p in predictions)
+    assert per_prompt == Counter(prompt(i) for i in range(PROMPTS)), {k: n for k, n in per_prompt.items() if n != 1}
+    assert len(creates(requests)) == PROMPTS
+    assert cancels(requests) == []
+    by_prompt = {p["input"]["prompt"]: p for p in predictions}
+    assert {i for i in range(PROMPTS) if by_prompt[prompt(i)]["status"] != "succeeded"} == set(REFUSED)
+
+    rows = dep.api.xcom(dag_id, run_id, TASK_ID)
+    (manifest,) = output.rglob("manifest.jsonl")
+    assert [json.loads(line) for line in manifest.read_text().splitlines()] == rows
+    assert [row["index"] for row in rows] == list(range(PROMPTS))
+    for i, row in enumerate(rows):
+        assert row["input"]["prompt"] == prompt(i) and row["prediction_id"] == by_prompt[prompt(i)]["id"], row
+        if i in REFUSED:
+            assert row["status"] == "failed" and "NSFW" in row["error"] and row["files"] == [], row
+            continue
+        assert row["status"] == "succeeded", row
+        (written,) = row["files"]
+        data = Path(written["path"].removeprefix("file://")).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == written["sha256"] and len(data) == written["size"], row
+    assert len(list(output.rglob("*.webp"))) == PROMPTS - len(REFUSED)
