@@ -22,6 +22,7 @@ from airflow_comet.exceptions import (
     CometAPIError,
     CometAPINotFoundError,
     CometAPINotJSONError,
+    CometAPIRetryLaterError,
 )
 from airflow_comet.file_inputs import resolve_file_inputs
 from airflow_comet.hooks._retry import RetryPolicy
@@ -61,6 +62,8 @@ class Created:
     fatal: bool = False
     #: Creating the item again may help (the service was busy or unreachable).
     retryable: bool = False
+    #: CometAPI asked to wait this many seconds before creating (a ``429``): nothing was created, try later.
+    later: float | None = None
 
 
 async def create_items(
@@ -71,10 +74,12 @@ async def create_items(
     ledger: resume.BatchLedger,
     earlier: dict[int, tuple[str, str, int]],
     log: Any,
+    longest_sleep: float | None = None,
 ) -> list[Created]:
     """Create ``(index, attempts so far, input)`` items concurrently; an item an earlier try of the task
     started (``earlier``: id, fingerprint, attempts; same fingerprint) is resumed when it is still running,
-    recently succeeded or failed, and its attempts count on from the earlier try's."""
+    recently succeeded or failed, and its attempts count on from the earlier try's. With ``longest_sleep``, an
+    item CometAPI asks to wait longer than that for comes back with ``later`` set instead of sleeping here."""
 
     async def one(index: int, attempts: int, model_input: Mapping[str, Any]) -> Created:
         try:
@@ -91,7 +96,9 @@ async def create_items(
             # Created anew (cancelled, or a success whose outputs expired): it still counts the earlier ones.
             attempts = known[2]
         try:
-            prediction = await hook.acreate_prediction(model, payload)
+            prediction = await hook.acreate_prediction(model, payload, longest_sleep=longest_sleep)
+        except CometAPIRetryLaterError as error:
+            return Created(index, attempts, later=float(error.retry_after or longest_sleep or 0.0))
         except _FATAL as error:
             return Created(index, attempts + 1, error=f"creating its prediction failed: {error}", fatal=True)
         except CometAPIError as error:

@@ -17,7 +17,7 @@ from airflow_comet.hooks._protocol import iso_epoch
 from airflow_comet.operators.batch import PredictionBatchOperator
 from airflow_comet.testing import Faults
 from airflow_comet.triggers.batch import PredictionBatchTrigger
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, set_connection
 from tests.dagrun import AIRFLOW_3_3, run, states, task, xcom
 from tests.test_dags import FLUX, dag
 
@@ -597,3 +597,49 @@ async def test_a_try_that_cannot_save_ids_stops_creating_and_cancels_what_it_cou
     assert made[0].fatal and made[0].prediction is None and "was cancelled" in made[0].error
     assert len(sim.creates()) == 1 and [c.prediction_id for c in sim.cancels()] == [sim.creates()[0].prediction_id]
     assert BatchLedger({}).writable()  # no store (Airflow < 3.3): nothing to keep, creating goes on
+
+
+@pytest.mark.parametrize("rate", [None, 2], ids=["sent_together", "queued_in_the_budget"])
+async def test_a_long_retry_after_on_its_creates_defers_the_batch_instead_of_sleeping_in_its_worker(
+    sim, monkeypatch, rate
+):
+    """A deferrable batch told to wait 30 s (429) puts the items back in front of its queue and defers until
+    then; neither the create that got the 429 nor those held by the connection's pause sleep in the worker."""
+    from airflow_comet.batch_state import BatchState
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger
+
+    if rate:
+        set_connection(monkeypatch, sim.base_url, max_requests_per_second=rate)
+    sim.set_faults(Faults(durations=60, rate_limit_429=1, retry_after=30))
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=batch_inputs(), max_in_flight=4, deferrable=True)
+    operator._async_hook = hook = CometAPIHook()
+    state = BatchState(total=30, digest="x", started_at=time.time())
+    started = time.monotonic()
+    try:
+        assert await operator._fill(state, FLUX, batch_inputs(), BatchLedger({}), {}) == []
+    finally:
+        await hook.aclose()
+    assert time.monotonic() - started < 5  # told to wait 30 s: not slept here
+    made = [r for r in sim.creates() if r.status < 300]
+    assert [r.status for r in sim.creates()].count(429) == 1
+    assert len(state.running) == len(made) == (3 if rate is None else 0)  # with a rate the others were queued
+    waiting = [index for index, attempts in state.queue]
+    assert waiting == sorted(waiting) and len(waiting) == 4 - len(made) and state.next == 4
+    assert all(attempts == 0 for _, attempts in state.queue)  # nothing was created for them
+    assert 28 <= operator._trigger(state).not_before - time.time() <= 31.5
+
+
+def test_a_deferrable_batch_through_a_429_storm_creates_each_item_once(sim, tmp_path):
+    sim.set_faults(Faults(durations=0.5, rate_limit_429=1, retry_after=8))
+    with dag("t_batch_429_defer") as d:
+        PredictionBatchOperator(
+            task_id="batch", model=FLUX, inputs=batch_inputs(PROMPTS[:6]), max_in_flight=3,
+            destination=f"file://{tmp_path}/", deferrable=True, poll_interval=1,
+        )
+    dr = run(d)
+    assert states(dr) == {"batch": "success"}
+    made = [r for r in sim.creates() if r.status < 300]
+    assert sorted(p["input"]["prompt"] for p in sim.predictions()) == sorted(PROMPTS[:6]) and len(made) == 6
+    assert [r.status for r in sim.creates()].count(429) == 1
+    assert [row["status"] for row in xcom(dr, "batch")] == ["succeeded"] * 6

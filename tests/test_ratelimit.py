@@ -12,7 +12,7 @@ import time
 import pytest
 
 from airflow_comet.hooks import _per_loop
-from airflow_comet.hooks._ratelimit import HEADROOM, RequestBudget, request_budget
+from airflow_comet.hooks._ratelimit import HEADROOM, PausedTooLong, RequestBudget, request_budget
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.testing import Faults
 from tests.conftest import create_running_prediction, set_connection
@@ -243,6 +243,38 @@ def test_urgent_requests_keep_the_spacing_and_wait_out_a_pause():
     assert min(released) >= 0.19  # a Retry-After pause holds urgent requests too
     # Timed when each task resumes, not when its slot is given: loose, for a loaded machine.
     assert released[-1] - released[0] >= 3 * (1 + HEADROOM) / 20 * 0.7
+
+
+def test_a_patient_request_gives_up_on_a_longer_pause_and_waits_out_a_shorter_one():
+    """A batch's create in its worker (patience 5 s) is not held through a 30 s pause, whether the pause
+    began before it asked or while it was queued; a 0.2 s pause it waits out, and the others wait regardless."""
+
+    async def run() -> tuple[list[object], float]:
+        budget = RequestBudget(rate=5)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await budget.acquire()  # the first slot: the next ones queue
+        queued = [asyncio.ensure_future(budget.acquire(patience=5.0)) for _ in range(2)]
+        impatient_never = asyncio.ensure_future(budget.acquire())
+        await asyncio.sleep(0)
+        budget.pause(0.2)  # shorter than the patience: waited out
+        await queued[0]
+        budget.pause(30.0)  # longer: the queued patient one gives up, unsent
+        outcomes: list[object] = []
+        try:
+            await queued[1]
+        except PausedTooLong as error:
+            outcomes.append(round(error.seconds))
+        try:
+            await budget.acquire(patience=5.0)  # asking during the pause: at once
+        except PausedTooLong as error:
+            outcomes.append(round(error.seconds))
+        outcomes.append(impatient_never.done())
+        impatient_never.cancel()
+        return outcomes, loop.time() - start
+
+    outcomes, took = asyncio.run(run())
+    assert outcomes == [30, 30, False] and took < 2
 
 
 def test_a_cancel_is_not_stuck_behind_the_queued_status_checks(simulator, monkeypatch):

@@ -11,10 +11,12 @@ prediction), so this state cannot live in a hook: every hook of one event loop g
   server after a quiet spell. An *urgent* request (a cancel: ``on_kill`` has about 25 s, and at a low
   rate dozens of status checks can be queued) takes the next slot ahead of the queue, never more slots.
 - With or without a rate, a ``429`` with ``Retry-After`` pauses every user of the connection, not only
-  the request that got it (:meth:`RequestBudget.pause`).
+  the request that got it (:meth:`RequestBudget.pause`). A request with *patience* (a batch's create in a
+  worker, which would rather defer than sleep) is not held through a longer pause: it gets
+  :class:`PausedTooLong` instead, unsent.
 
 Asyncio primitives belong to one event loop, so a budget is kept per (loop, connection) in the loop's state
-(``_per_loop``). Only the async (triggerer) path uses this; workers send one request at a time.
+(``_per_loop``). Only the async path uses this (the triggerer, and a batch's own loop in its worker).
 """
 
 from __future__ import annotations
@@ -24,12 +26,21 @@ import collections
 
 from airflow_comet.hooks._per_loop import per_loop
 
-__all__ = ["HEADROOM", "RequestBudget", "request_budget"]
+__all__ = ["HEADROOM", "PausedTooLong", "RequestBudget", "request_budget"]
 
 #: Requests are spaced ``(1 + HEADROOM) / rate`` apart: the slack absorbs the jitter between leaving here
 #: and arriving at the server (event-loop lag, the network), so the server's own one-second windows stay
 #: within the budget. 5% = 50 ms of jitter per second, whatever the rate.
 HEADROOM = 0.05
+
+
+class PausedTooLong(Exception):
+    """The connection is paused (a ``429``'s ``Retry-After``) for longer than the request's patience."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the connection is paused for {seconds:.1f} s")
+        #: Seconds of the pause left.
+        self.seconds = seconds
 
 
 class RequestBudget:
@@ -41,6 +52,7 @@ class RequestBudget:
     def __init__(self, rate: float | None = None) -> None:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()  # served first
+        self._patience: dict[asyncio.Future[None], float] = {}  # queued requests that give up on a long pause
         self._next = 0.0  # loop time of the next free slot
         self._paused_until = 0.0  # loop time until which nothing is sent
         self._timer: asyncio.TimerHandle | None = None
@@ -76,19 +88,28 @@ class RequestBudget:
             return True
         return False
 
-    async def acquire(self, *, urgent: bool = False) -> None:
+    async def acquire(self, *, urgent: bool = False, patience: float | None = None) -> None:
         """Wait for this request's turn; returns at once when the budget has room and nobody is queued.
 
         :param urgent: Take the next slot ahead of the requests already queued (pauses still hold it).
+        :param patience: Raise :class:`PausedTooLong` rather than wait out a pause longer than this many
+            seconds, whether it began before or while this request waits (``None``: wait whatever it takes).
         """
+        if patience is not None and self.paused_for() > patience:
+            raise PausedTooLong(self.paused_for())
         if self.take_free_slot():
             return
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         (self._urgent if urgent else self._waiters).append(waiter)
+        if patience is not None:
+            self._patience[waiter] = patience
         self._schedule(loop)
-        # A cancelled waiter stays in the queue, done, and is skipped when its turn comes.
-        await waiter
+        try:
+            # A cancelled (or given up) waiter stays in the queue, done, and is skipped when its turn comes.
+            await waiter
+        finally:
+            self._patience.pop(waiter, None)
 
     def pause(self, seconds: float) -> None:
         """Hold every request of this connection back for ``seconds`` (a ``Retry-After``); requests already
@@ -100,6 +121,9 @@ class RequestBudget:
         if until <= self._paused_until:
             return
         self._paused_until = until
+        for waiter, patience in self._patience.items():
+            if seconds > patience and not waiter.done():
+                waiter.set_exception(PausedTooLong(seconds))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

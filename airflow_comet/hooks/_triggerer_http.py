@@ -118,6 +118,7 @@ class Lease:
         *,
         urgent: bool = False,
         idempotent: bool = True,
+        patience: float | None = None,
     ) -> Answer:
         """Wait for the budget's slot, send one request and return its answer (any status), or raise what went
         wrong on the way (``CometAPITransportError`` saying whether it may have been sent, or a config error).
@@ -125,8 +126,10 @@ class Lease:
         :param idempotent: Whether sending it twice is harmless; a request that is not (a create) goes on a
             fresh connection of its own.
         :param urgent: Take the budget's next slot ahead of the requests queued for it (a cancel).
+        :param patience: Give up, unsent, rather than wait out a pause of the connection (a ``429``'s
+            ``Retry-After``) longer than this many seconds: ``PausedTooLong``.
         """
-        await self.budget.acquire(urgent=urgent)
+        await self.budget.acquire(urgent=urgent, patience=patience)
         shared = self._shared
         if shared.closed:
             raise transport_error(

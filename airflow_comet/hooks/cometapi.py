@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseHook
 
-from airflow_comet.exceptions import CometAPIAuthError, CometAPIError, CometAPINotFoundError, CometAPIResponseError
+from airflow_comet.exceptions import (
+    CometAPIAuthError,
+    CometAPIError,
+    CometAPINotFoundError,
+    CometAPIResponseError,
+    CometAPIRetryLaterError,
+)
 from airflow_comet.hooks import _protocol as protocol
 from airflow_comet.hooks._errors import proxy_auth_error
 from airflow_comet.hooks._masking import mask
 from airflow_comet.hooks._per_loop import in_worker_loop
 from airflow_comet.hooks._protocol import DEFAULT_HOST, USER_AGENT
+from airflow_comet.hooks._ratelimit import PausedTooLong
 from airflow_comet.hooks._retry import RetryPolicy, acall_with_retries, call_with_retries
 from airflow_comet.hooks._settings import ConnectionSettings
 from airflow_comet.hooks._settings_cache import cached_settings, settings_refused
@@ -216,15 +223,19 @@ class CometAPIHook(BaseHook):
         headers: Mapping[str, str] | None = None,
         hold: float = 0.0,
         urgent: bool = False,
+        longest_sleep: float | None = None,
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
+        policy = self.retry_policy(settings)
+        if longest_sleep is not None:
+            policy = dataclasses.replace(policy, longest_sleep=longest_sleep)
 
         async def attempt() -> dict[str, Any]:
-            return await self._asend(settings, method, path, body, headers, hold, urgent, idempotent)
+            return await self._asend(settings, method, path, body, headers, hold, urgent, idempotent, longest_sleep)
 
         return await acall_with_retries(
             attempt,
-            policy=self.retry_policy(settings),
+            policy=policy,
             idempotent=idempotent,
             logger=self.log,
             what=f"{method} {path}",
@@ -240,9 +251,22 @@ class CometAPIHook(BaseHook):
         hold: float,
         urgent: bool,
         idempotent: bool,
+        patience: float | None = None,
     ) -> dict[str, Any]:
         lease = await self._alease()
-        answer = await lease.send(settings, method, path, body, headers, hold, urgent=urgent, idempotent=idempotent)
+        try:
+            answer = await lease.send(
+                settings, method, path, body, headers, hold, urgent=urgent, idempotent=idempotent, patience=patience
+            )
+        except PausedTooLong as paused:
+            # Another request's 429 paused the connection for longer than this caller sleeps: not sent.
+            raise CometAPIRetryLaterError(
+                f"{method} {path} was not sent: CometAPI asked this connection to wait {paused.seconds:.0f} s "
+                "(429 Retry-After)",
+                status_code=429,
+                retryable=True,
+                retry_after=paused.seconds,
+            ) from None
         try:
             return self._parse(settings, method, path, answer.status, answer.headers, answer.body)
         except CometAPIAuthError:
@@ -310,11 +334,19 @@ class CometAPIHook(BaseHook):
         return self._request("POST", path, body=body, idempotent=False, headers=headers, hold=hold, policy=policy)
 
     async def acreate_prediction(
-        self, model: str, input: Mapping[str, Any], *, prefer_wait: int | None = None
+        self,
+        model: str,
+        input: Mapping[str, Any],
+        *,
+        prefer_wait: int | None = None,
+        longest_sleep: float | None = None,
     ) -> dict[str, Any]:
-        """Async :meth:`create_prediction`."""
+        """Async :meth:`create_prediction` (with ``longest_sleep``, a pause of the connection longer than that,
+        set by another request's 429, raises the same error without sending)."""
         path, body, headers, hold = self._create_request(model, input, prefer_wait)
-        return await self._arequest("POST", path, body=body, idempotent=False, headers=headers, hold=hold)
+        return await self._arequest(
+            "POST", path, body=body, idempotent=False, headers=headers, hold=hold, longest_sleep=longest_sleep
+        )
 
     def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         """Return the prediction object for ``prediction_id``."""

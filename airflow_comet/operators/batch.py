@@ -20,6 +20,7 @@ from airflow_comet.hooks._per_loop import new_worker_loop
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.manifest import raise_for_failures, summary, write_manifest
 from airflow_comet.operators._waiting import PredictionWaitMixin
+from airflow_comet.operators.prediction import LONGEST_SLEEP_IN_WORKER
 from airflow_comet.output_files import destination_folder
 from airflow_comet.outputs import address_policy_for
 from airflow_comet.polling import is_terminal, terminal_event
@@ -138,6 +139,8 @@ class PredictionBatchOperator(BaseOperator):
         self.timeout = timeout
         self.cancel_on_kill = cancel_on_kill
         self._state: BatchState | None = None
+        #: Epoch before which no create is sent: CometAPI asked to wait (a 429's Retry-After).
+        self._create_after = 0.0
 
     @cached_property
     def hook(self) -> CometAPIHook:
@@ -220,6 +223,7 @@ class PredictionBatchOperator(BaseOperator):
         outcomes: list[tuple[int, int, dict[str, Any]]],
     ) -> list[dict[str, Any]]:
         self._state = state
+        self._create_after = 0.0
         folder = destination_folder(self.destination, self.destination_conn_id) if self.destination else None
         # Looked up once per run of the worker, with the blocking call, before the loop exists.
         addresses = address_policy_for(self.cometapi_conn_id, self.log)
@@ -245,7 +249,7 @@ class PredictionBatchOperator(BaseOperator):
                     state.timed_out = True
                     state.halt("the batch's deadline passed before it was created")
                 outcomes = []
-                if state.waiting and len(state.running) < self.max_in_flight:
+                if state.waiting and len(state.running) < self.max_in_flight and time.time() >= self._create_after:
                     outcomes = loop.run_until_complete(self._fill(state, model, inputs, ledger, earlier))
                     if outcomes:
                         continue
@@ -290,8 +294,29 @@ class PredictionBatchOperator(BaseOperator):
         while len(state.running) + len(items) < self.max_in_flight and (taken := state.take()) is not None:
             items.append((taken[0], taken[1], inputs[taken[0]]))
         outcomes = []
-        for created in await create_items(self._async_hook, model, items, ledger=ledger, earlier=earlier, log=self.log):
+        # Deferrable: a 429 asking for a longer wait defers the batch (no worker held through it) instead.
+        longest_sleep = LONGEST_SLEEP_IN_WORKER if self.deferrable else None
+        made = await create_items(
+            self._async_hook, model, items, ledger=ledger, earlier=earlier, log=self.log, longest_sleep=longest_sleep
+        )
+        told_to_wait = [created for created in made if created.later is not None]
+        if told_to_wait:
+            # Back to the front of the queue, in order, with their attempts unchanged: nothing was created.
+            state.queue[:0] = [
+                [created.index, created.attempts] for created in sorted(told_to_wait, key=lambda created: created.index)
+            ]
+            wait = max(created.later or 0.0 for created in told_to_wait)
+            self._create_after = max(self._create_after, time.time() + wait)
+            self.log.warning(
+                "CometAPI asked to wait %.0f s before creating more (429); %d items wait for it%s",
+                wait,
+                len(told_to_wait),
+                " in the triggerer" if self.deferrable else "",
+            )
+        for created in made:
             prediction = created.prediction
+            if created.later is not None:
+                continue
             if prediction is None:
                 if created.fatal:
                     state.halt(created.error or "creating predictions failed")
@@ -350,7 +375,10 @@ class PredictionBatchOperator(BaseOperator):
             cancel_on_kill=self.cancel_on_kill,
             progress=state.progress(),
             state=state.to_json(),
-            not_before=time.time() + MIN_DEFERRAL if MIN_DEFERRAL > 0 else None,
+            # Not sooner than CometAPI asked to wait before the next creates (a 429), if anything waits for them.
+            not_before=max(
+                time.time() + MIN_DEFERRAL, self._create_after if state.waiting and not state.halted else 0.0
+            ),
         )
 
     def _ended_from(self, event: Any, state: BatchState) -> list[tuple[int, int, dict[str, Any]]]:
