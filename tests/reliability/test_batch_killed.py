@@ -75,11 +75,7 @@ def test_batch_survives_a_killed_worker_and_a_killed_triggerer(
 ) -> None:
     dep = rel_deployment
     t0 = time.monotonic()
-    sim = fresh_simulator(dep, durations=[2.0, 8.0], refused_words=["forbidden"])
-    output = tmp_path / "out"
-    pid_file = Path(dep.home) / f"batch-{uuid.uuid4().hex[:8]}.pid"
-    conf = {"destination": output.as_uri(), "pid_file": str(pid_file), "pause_after": PAUSE_AFTER}
-    run_id = start_run(dep, DAG_ID, conf=conf, parse_timeout=120)
+    sim, output, pid_file, run_id = start_batch(dep, DAG_ID, tmp_path, PAUSE_AFTER)
 
     # 1. The worker dies while the batch creates (its ids are in the task state store, nowhere else).
     pid, created_by_first_try = wait(
@@ -151,11 +147,7 @@ def test_batch_waiting_in_its_worker_survives_a_killed_worker(
     end); its first try is SIGKILLed after rounds of waiting and refilling, the retry takes every item over."""
     dep, dag_id = rel_deployment, "rel_batch_worker"
     t0 = time.monotonic()
-    sim = fresh_simulator(dep, durations=[2.0, 8.0], refused_words=["forbidden"])
-    output = tmp_path / "out"
-    pid_file = Path(dep.home) / f"batch-{uuid.uuid4().hex[:8]}.pid"
-    conf = {"destination": output.as_uri(), "pid_file": str(pid_file), "pause_after": PAUSE_AFTER_IN_WORKER}
-    run_id = start_run(dep, dag_id, conf=conf, parse_timeout=120)
+    sim, output, pid_file, run_id = start_batch(dep, dag_id, tmp_path, PAUSE_AFTER_IN_WORKER)
 
     pid, created_by_first_try = wait(dep, lambda: paused(pid_file), 300, "the batch's first try to refill enough")
     # It got there by waiting in its worker: predictions ended and their files were written before the kill.
@@ -185,6 +177,16 @@ def test_batch_waiting_in_its_worker_survives_a_killed_worker(
         resumed_by_retry=len(resumed),
         seconds=round(seconds, 1),
     )
+
+
+def start_batch(dep: AirflowDeployment, dag_id: str, tmp_path: Path, pause_after: int):
+    """A fresh simulator (2-8 s predictions, "forbidden" refused) and a run of ``dag_id`` whose first try
+    pauses after ``pause_after`` items: ``(simulator, output folder, pid file, run id)``."""
+    sim = fresh_simulator(dep, durations=[2.0, 8.0], refused_words=["forbidden"])
+    output = tmp_path / "out"
+    pid_file = Path(dep.home) / f"batch-{uuid.uuid4().hex[:8]}.pid"
+    conf = {"destination": output.as_uri(), "pid_file": str(pid_file), "pause_after": pause_after}
+    return sim, output, pid_file, start_run(dep, dag_id, conf=conf, parse_timeout=120)
 
 
 def paused(pid_file: Path) -> tuple[int, int] | None:
