@@ -53,6 +53,8 @@ class BatchState:
     #: Why no more items are created (a fatal create error, the deadline); ``None`` while they are.
     halted: str | None = None
     timed_out: bool = False
+    #: Rounds of creates in a row that CometAPI told to wait (a 429), each waited out in the triggerer.
+    create_waits: int = 0
     logged_at: float = 0.0
     logged_step: int = -1
     version: int = VERSION

@@ -90,10 +90,11 @@ async def create_items(
         digest = resume.fingerprint(hook.cometapi_conn_id, model, payload)[:FINGERPRINT_CHARS]
         known = earlier.pop(index, None)
         if known is not None and known[1] == digest and attempts == 0:
-            resumed = await _resume(hook, index, known[0], log)
+            resumed = await _resume(hook, index, known[0], log, longest_sleep)
             if resumed is not None:
                 return Created(index, known[2], resumed)
-            # Created anew (cancelled, or a success whose outputs expired): it still counts the earlier ones.
+            # Created anew (cancelled by the batch's kill or deadline, or a success whose outputs expired): that
+            # counts as one more attempt, as a lost prediction does within a try.
             attempts = known[2]
         try:
             prediction = await hook.acreate_prediction(model, payload, longest_sleep=longest_sleep)
@@ -131,10 +132,12 @@ async def create_items(
     return list(await asyncio.gather(*(one(index, attempts, item) for index, attempts, item in items)))
 
 
-async def _resume(hook: CometAPIHook, index: int, prediction_id: str, log: Any) -> dict[str, Any] | None:
+async def _resume(
+    hook: CometAPIHook, index: int, prediction_id: str, log: Any, longest_sleep: float | None
+) -> dict[str, Any] | None:
     """The earlier try's prediction of item ``index`` if it can be used, else ``None`` (create anew)."""
     try:
-        prediction: dict[str, Any] | None = await hook.aget_prediction(prediction_id)
+        prediction: dict[str, Any] | None = await hook.aget_prediction(prediction_id, longest_sleep=longest_sleep)
     except CometAPINotFoundError:
         prediction = None
     except CometAPIError as error:

@@ -124,7 +124,7 @@ class BatchLedger:
                 for key, value in self._load(chunk).items():
                     if key.isdigit() and isinstance(value, list) and len(value) in (2, 3) and int(key) < total:
                         # Two fields: recorded before attempts were kept (one attempt known).
-                        attempts = int(value[2]) if len(value) == 3 else 1
+                        attempts = value[2] if len(value) == 3 and isinstance(value[2], int) else 1
                         found[int(key)] = (str(value[0]), str(value[1]), attempts)
         return found
 

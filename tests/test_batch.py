@@ -9,9 +9,11 @@ import json
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
+from airflow_comet.batch_inputs import inputs_digest
 from airflow_comet.batch_state import BatchState, progress_line
 from airflow_comet.hooks._protocol import iso_epoch
 from airflow_comet.operators.batch import PredictionBatchOperator
@@ -484,6 +486,19 @@ class DictStore:
         self.data[key] = json.loads(json.dumps(value))
 
 
+class _TI:
+    """The task instance's part a resumed batch uses outside Airflow: its XCom pushes."""
+
+    try_number = 2
+    map_index = -1
+
+    def __init__(self):
+        self.pushed = {}
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+
 def test_the_ledger_keeps_every_items_id_across_chunks_and_runs():
     from airflow_comet.resume import BATCH_CHUNK, BatchLedger
 
@@ -630,16 +645,89 @@ async def test_a_long_retry_after_on_its_creates_defers_the_batch_instead_of_sle
     assert 28 <= operator._trigger(state).not_before - time.time() <= 31.5
 
 
+class RecordingBatch(PredictionBatchOperator):
+    """Notes each deferral: how many predictions its trigger follows, and how long it holds off at least."""
+
+    deferrals: ClassVar[list[tuple[int, float]]] = []
+
+    def defer(self, *, trigger, **kwargs):
+        type(self).deferrals.append((len(trigger.running), trigger.not_before - time.time()))
+        super().defer(trigger=trigger, **kwargs)
+
+
 def test_a_deferrable_batch_through_a_429_storm_creates_each_item_once(sim, tmp_path):
-    sim.set_faults(Faults(durations=0.5, rate_limit_429=1, retry_after=8))
+    sim.set_faults(Faults(durations=0.5, rate_limit_429=1, retry_after=12))
+    RecordingBatch.deferrals.clear()
     with dag("t_batch_429_defer") as d:
-        PredictionBatchOperator(
+        RecordingBatch(
             task_id="batch", model=FLUX, inputs=batch_inputs(PROMPTS[:6]), max_in_flight=3,
             destination=f"file://{tmp_path}/", deferrable=True, poll_interval=1,
         )
     dr = run(d)
     assert states(dr) == {"batch": "success"}
+    # The first deferral came with the 429'd item still to create (two of three running), holding off ~12 s:
+    # the wait was not slept in the worker.
+    running, holds_off = RecordingBatch.deferrals[0]
+    assert running == 2 and 10.5 <= holds_off <= 13.5, RecordingBatch.deferrals
     made = [r for r in sim.creates() if r.status < 300]
     assert sorted(p["input"]["prompt"] for p in sim.predictions()) == sorted(PROMPTS[:6]) and len(made) == 6
     assert [r.status for r in sim.creates()].count(429) == 1
     assert [row["status"] for row in xcom(dr, "batch")] == ["succeeded"] * 6
+
+
+def test_a_retried_batch_resumed_after_a_429_still_takes_the_earlier_trys_items_over(sim):
+    """A retry whose first fill was cut short by a 429 defers before taking every item the earlier try made;
+    on resume it must still find them in the task state store rather than pay for them again."""
+    from airflow_comet.batch_work import FINGERPRINT_CHARS
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.resume import BatchLedger, fingerprint
+    from airflow_comet.batch_state import BatchState
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    sim.set_faults(Faults(durations=60))
+    inputs = batch_inputs(PROMPTS[:6])
+    store = DictStore()
+    ledger = BatchLedger({"task_state_store": store})
+    hook = CometAPIHook()
+    earlier = {}
+    for index in range(4):  # the earlier try made items 0-3
+        prediction_id = hook.create_prediction(FLUX, inputs[index])["id"]
+        digest = fingerprint("cometapi_default", FLUX, dict(inputs[index]))[:FINGERPRINT_CHARS]
+        assert ledger.record(index, prediction_id, digest)
+        earlier[index] = prediction_id
+    # This try took item 0, was told to wait (429) and deferred with it back in the queue.
+    state = BatchState(total=6, digest=inputs_digest(inputs), started_at=time.time(), next=1, queue=[[0, 0]])
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=inputs, max_in_flight=4, deferrable=True)
+    context = {"ti": _TI(), "task_state_store": store}
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute_complete(context, {"status": "ended", "ended": [], "state": state.to_json()})
+    followed = {row[0]: row[1] for row in deferred.value.trigger.running}
+    assert followed == earlier  # resumed, each of them
+    assert len(sim.creates()) == 4  # nothing created again
+
+
+def test_a_batch_told_to_wait_round_after_round_stops_creating(sim, monkeypatch):
+    from airflow_comet.batch_state import BatchState
+    from airflow_comet.hooks.cometapi import CometAPIHook
+    from airflow_comet.operators import batch
+    from airflow_comet.resume import BatchLedger
+
+    monkeypatch.setattr(batch, "MAX_CREATE_WAITS", 2)
+    sim.set_faults(Faults(rate_limit_429=10, retry_after=30))
+    operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=batch_inputs(), max_in_flight=1, deferrable=True)
+    state = BatchState(total=30, digest="x", started_at=time.time(), end_time=time.time() + 5)
+
+    async def fill():
+        operator._async_hook = hook = CometAPIHook()
+        try:
+            return await operator._fill(state, FLUX, batch_inputs(), BatchLedger({}), {})
+        finally:
+            await hook.aclose()
+
+    for _ in range(2):
+        assert asyncio.run(fill()) == [] and state.halted is None and state.queue == [[0, 0]]
+        # The trigger holds off for the 429's wait, but never past the batch's deadline.
+        assert operator._trigger(state).not_before <= state.end_time
+    asyncio.run(fill())
+    assert "429" in state.halted and state.queue == [[0, 0]] and state.finished
+    assert [r.status for r in sim.creates()] == [429, 429, 429]

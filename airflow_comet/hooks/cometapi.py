@@ -352,9 +352,10 @@ class CometAPIHook(BaseHook):
         """Return the prediction object for ``prediction_id``."""
         return _about(prediction_id, self._request("GET", protocol.prediction_path(prediction_id)))
 
-    async def aget_prediction(self, prediction_id: str) -> dict[str, Any]:
-        """Async :meth:`get_prediction`."""
-        return _about(prediction_id, await self._arequest("GET", protocol.prediction_path(prediction_id)))
+    async def aget_prediction(self, prediction_id: str, *, longest_sleep: float | None = None) -> dict[str, Any]:
+        """Async :meth:`get_prediction` (``longest_sleep`` as in :meth:`acreate_prediction`)."""
+        path = protocol.prediction_path(prediction_id)
+        return _about(prediction_id, await self._arequest("GET", path, longest_sleep=longest_sleep))
 
     def cancel_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         """Ask CometAPI to cancel a prediction (best effort: cancel is not documented by CometAPI).

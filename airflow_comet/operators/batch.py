@@ -20,7 +20,7 @@ from airflow_comet.hooks._per_loop import new_worker_loop
 from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.manifest import raise_for_failures, summary, write_manifest
 from airflow_comet.operators._waiting import PredictionWaitMixin
-from airflow_comet.operators.prediction import LONGEST_SLEEP_IN_WORKER
+from airflow_comet.operators.prediction import LONGEST_SLEEP_IN_WORKER, MAX_CREATE_WAITS
 from airflow_comet.output_files import destination_folder
 from airflow_comet.outputs import address_policy_for
 from airflow_comet.polling import is_terminal, terminal_event
@@ -186,7 +186,11 @@ class PredictionBatchOperator(BaseOperator):
                 f"The batch's inputs changed while it ran ({batch.total} inputs before, {len(inputs)} now): "
                 "its running predictions were cancelled; clear the task to start the batch again"
             )
-        return self._run(context, batch, model, inputs, BatchLedger(context), {}, self._ended_from(event, batch))
+        ledger = BatchLedger(context)
+        # An earlier try's items this try has not taken yet (a fill cut short by a 429): resumed, not paid twice.
+        # Items this try created are never taken again as new, so recalling them too is harmless.
+        earlier = ledger.recall(batch.total) if batch.waiting else {}
+        return self._run(context, batch, model, inputs, ledger, earlier, self._ended_from(event, batch))
 
     def pre_execute(self, context: Context) -> None:
         super().pre_execute(context)
@@ -300,11 +304,14 @@ class PredictionBatchOperator(BaseOperator):
             self._async_hook, model, items, ledger=ledger, earlier=earlier, log=self.log, longest_sleep=longest_sleep
         )
         told_to_wait = [created for created in made if created.later is not None]
+        state.create_waits = state.create_waits + 1 if told_to_wait and len(told_to_wait) == len(made) else 0
+        if state.create_waits > MAX_CREATE_WAITS:
+            state.queue[:0] = [[created.index, created.attempts] for created in sorted(told_to_wait, key=_index)]
+            state.halt(f"CometAPI asked to wait (429) {MAX_CREATE_WAITS} times in a row before creating anything")
+            return []
         if told_to_wait:
             # Back to the front of the queue, in order, with their attempts unchanged: nothing was created.
-            state.queue[:0] = [
-                [created.index, created.attempts] for created in sorted(told_to_wait, key=lambda created: created.index)
-            ]
+            state.queue[:0] = [[created.index, created.attempts] for created in sorted(told_to_wait, key=_index)]
             wait = max(created.later or 0.0 for created in told_to_wait)
             self._create_after = max(self._create_after, time.time() + wait)
             self.log.warning(
@@ -375,11 +382,14 @@ class PredictionBatchOperator(BaseOperator):
             cancel_on_kill=self.cancel_on_kill,
             progress=state.progress(),
             state=state.to_json(),
-            # Not sooner than CometAPI asked to wait before the next creates (a 429), if anything waits for them.
-            not_before=max(
-                time.time() + MIN_DEFERRAL, self._create_after if state.waiting and not state.halted else 0.0
-            ),
+            not_before=self._not_before(state),
         )
+
+    def _not_before(self, state: BatchState) -> float:
+        """When the trigger may fire at the earliest: after MIN_DEFERRAL, and after the wait CometAPI asked for
+        before the next creates (a 429) if anything waits for them; never after the batch's deadline."""
+        not_before = max(time.time() + MIN_DEFERRAL, self._create_after if state.waiting and not state.halted else 0.0)
+        return min(not_before, state.end_time) if state.end_time is not None else not_before
 
     def _ended_from(self, event: Any, state: BatchState) -> list[tuple[int, int, dict[str, Any]]]:
         """The trigger's event as ``(index, attempts, event)`` of the predictions that ended."""
@@ -429,6 +439,10 @@ class PredictionBatchOperator(BaseOperator):
         from airflow_comet.lineage import prediction_lineage
 
         return prediction_lineage(**getattr(self, "_lineage", {"model": None, "prediction_ids": []}))
+
+
+def _index(created: Any) -> int:
+    return int(created.index)
 
 
 def _check_whole(name: str, value: Any, minimum: int) -> None:
