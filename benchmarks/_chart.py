@@ -17,7 +17,7 @@ def draw(results: list[dict[str, Any]], labels: dict[str, str], path: Path, titl
     results = sorted(results, key=lambda r: (r["n"], order.index(r["shape"])))  # by N, then (a) to (d)
     names = [f"{labels[r['shape']]}\nN = {r['n']:,}" for r in results]
     colours = {"mapped": "#b0b0b0", "end_from_trigger": "#8da0cb", "batch": "#4c72b0", "asyncio": "#55a868"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 1.75 * len(results)), 3.6), dpi=100)  # room per label
     for ax, key, heading in ((axes[0], "wall_s", "Wall time (s)"), (axes[1], "slot_s", "Worker slot-seconds")):
         values = [r[key] for r in results]
         bars = ax.bar(range(len(results)), values, color=[colours.get(r["shape"], "#999999") for r in results])
