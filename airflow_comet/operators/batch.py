@@ -188,8 +188,10 @@ class PredictionBatchOperator(BaseOperator):
             )
         ledger = BatchLedger(context)
         # An earlier try's items this try has not taken yet (a fill cut short by a 429): resumed, not paid twice.
-        # Items this try created are never taken again as new, so recalling them too is harmless.
-        earlier = ledger.recall(batch.total) if batch.waiting else {}
+        # Items this try created are never taken again as new, so recalling them too is harmless; a first try
+        # has no earlier one, and skips reading the whole ledger at every refill.
+        retried = (getattr(context.get("ti"), "try_number", None) or 1) > 1
+        earlier = ledger.recall(batch.total) if batch.waiting and retried else {}
         return self._run(context, batch, model, inputs, ledger, earlier, self._ended_from(event, batch))
 
     def pre_execute(self, context: Context) -> None:
