@@ -139,12 +139,15 @@ class CometAPIHook(BaseHook):
         self._settings = None
         await self.aclose()  # the shared session carries the old key
 
-    def retry_policy(self, settings: ConnectionSettings) -> RetryPolicy:
-        return self._retry_policy or RetryPolicy(
+    def retry_policy(self, settings: ConnectionSettings, longest_sleep: float | None = None) -> RetryPolicy:
+        """The retries of this hook's requests; with ``longest_sleep``, a longer server-requested wait raises
+        :class:`~airflow_comet.exceptions.CometAPIRetryLaterError` instead of being slept."""
+        policy = self._retry_policy or RetryPolicy(
             max_retries=settings.max_retries,
             backoff_base=settings.retry_backoff,
             max_retry_wait=settings.max_retry_wait,
         )
+        return policy if longest_sleep is None else dataclasses.replace(policy, longest_sleep=longest_sleep)
 
     # -- the worker's transport (requests, hooks/_worker_http.py) ----------------------------------------
 
@@ -170,6 +173,7 @@ class CometAPIHook(BaseHook):
         headers: Mapping[str, str] | None = None,
         hold: float = 0.0,
         policy: RetryPolicy | None = None,
+        longest_sleep: float | None = None,
     ) -> dict[str, Any]:
         from airflow_comet.hooks._worker_http import send
 
@@ -181,7 +185,7 @@ class CometAPIHook(BaseHook):
 
         return call_with_retries(
             attempt,
-            policy=policy or self.retry_policy(settings),
+            policy=policy or self.retry_policy(settings, longest_sleep),
             idempotent=idempotent,
             logger=self.log,
             what=f"{method} {path}",
@@ -226,9 +230,7 @@ class CometAPIHook(BaseHook):
         longest_sleep: float | None = None,
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
-        policy = self.retry_policy(settings)
-        if longest_sleep is not None:
-            policy = dataclasses.replace(policy, longest_sleep=longest_sleep)
+        policy = self.retry_policy(settings, longest_sleep)
 
         async def attempt() -> dict[str, Any]:
             return await self._asend(settings, method, path, body, headers, hold, urgent, idempotent, longest_sleep)
@@ -328,10 +330,9 @@ class CometAPIHook(BaseHook):
             sleeping when CometAPI asks to wait longer than this (the caller waits elsewhere).
         """
         path, body, headers, hold = self._create_request(model, input, prefer_wait)
-        policy = None
-        if longest_sleep is not None:
-            policy = dataclasses.replace(self.retry_policy(self.settings), longest_sleep=longest_sleep)
-        return self._request("POST", path, body=body, idempotent=False, headers=headers, hold=hold, policy=policy)
+        return self._request(
+            "POST", path, body=body, idempotent=False, headers=headers, hold=hold, longest_sleep=longest_sleep
+        )
 
     async def acreate_prediction(
         self,

@@ -306,14 +306,13 @@ class PredictionBatchOperator(BaseOperator):
             self._async_hook, model, items, ledger=ledger, earlier=earlier, log=self.log, longest_sleep=longest_sleep
         )
         told_to_wait = [created for created in made if created.later is not None]
+        # Back to the front of the queue, in the order they were taken, attempts unchanged: nothing was created.
+        state.queue[:0] = [[created.index, created.attempts] for created in told_to_wait]
         state.create_waits = state.create_waits + 1 if told_to_wait and len(told_to_wait) == len(made) else 0
         if state.create_waits > MAX_CREATE_WAITS:
-            state.queue[:0] = [[created.index, created.attempts] for created in sorted(told_to_wait, key=_index)]
             state.halt(f"CometAPI asked to wait (429) {MAX_CREATE_WAITS} times in a row before creating anything")
             return []
         if told_to_wait:
-            # Back to the front of the queue, in order, with their attempts unchanged: nothing was created.
-            state.queue[:0] = [[created.index, created.attempts] for created in sorted(told_to_wait, key=_index)]
             wait = max(created.later or 0.0 for created in told_to_wait)
             self._create_after = max(self._create_after, time.time() + wait)
             self.log.warning(
@@ -441,10 +440,6 @@ class PredictionBatchOperator(BaseOperator):
         from airflow_comet.lineage import prediction_lineage
 
         return prediction_lineage(**getattr(self, "_lineage", {"model": None, "prediction_ids": []}))
-
-
-def _index(created: Any) -> int:
-    return int(created.index)
 
 
 def _check_whole(name: str, value: Any, minimum: int) -> None:
