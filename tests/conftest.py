@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -19,6 +20,29 @@ def set_connection(monkeypatch: pytest.MonkeyPatch, host: str, *, key: str = API
     """Point a CometAPI connection at ``host`` through an ``AIRFLOW_CONN_...`` variable."""
     conn = {"conn_type": "cometapi", "password": key, "host": host, "extra": {**FAST_EXTRAS, **extra}}
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+
+
+async def get_prediction_through(mode: str, prediction_id: str = "p1") -> dict:
+    """One status check through the worker's transport (``mode == "worker"``, in a thread) or the triggerer's."""
+    from airflow_comet.hooks.cometapi import CometAPIHook
+
+    if mode == "worker":
+        return await asyncio.to_thread(CometAPIHook().get_prediction, prediction_id)
+    async with CometAPIHook() as hook:
+        return await hook.aget_prediction(prediction_id)
+
+
+@pytest.fixture
+def tls_server_context(tmp_path):
+    """A server-side TLS context for 127.0.0.1 with a self-signed certificate: ``(context, cert path)``."""
+    import ssl
+
+    from benchmarks._tls_proxy import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from airflow_comet.testing import Faults
 from airflow_comet.triggers.batch import PredictionBatchTrigger
 from tests.conftest import API_KEY, set_connection
 from tests.dagrun import AIRFLOW_3_3, run, states, task, xcom
-from tests.test_dags import FLUX, dag
+from tests.test_dags import FLUX, _TaskInstance, dag
 
 PROMPTS = [f"prompt number {i}" for i in range(30)]
 
@@ -486,19 +486,6 @@ class DictStore:
         self.data[key] = json.loads(json.dumps(value))
 
 
-class _TI:
-    """The task instance's part a resumed batch uses outside Airflow: its XCom pushes."""
-
-    try_number = 2
-    map_index = -1
-
-    def __init__(self):
-        self.pushed = {}
-
-    def xcom_push(self, key, value):
-        self.pushed[key] = value
-
-
 def test_the_ledger_keeps_every_items_id_across_chunks_and_runs():
     from airflow_comet.resume import BATCH_CHUNK, BatchLedger
 
@@ -698,7 +685,9 @@ def test_a_retried_batch_resumed_after_a_429_still_takes_the_earlier_trys_items_
     # This try took item 0, was told to wait (429) and deferred with it back in the queue.
     state = BatchState(total=6, digest=inputs_digest(inputs), started_at=time.time(), next=1, queue=[[0, 0]])
     operator = PredictionBatchOperator(task_id="b", model=FLUX, inputs=inputs, max_in_flight=4, deferrable=True)
-    context = {"ti": _TI(), "task_state_store": store}
+    ti = _TaskInstance()
+    ti.try_number = 2  # a retry: the earlier try's ids are read on resume
+    context = {"ti": ti, "task_state_store": store}
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute_complete(context, {"status": "ended", "ended": [], "state": state.to_json()})
     followed = {row[0]: row[1] for row in deferred.value.trigger.running}

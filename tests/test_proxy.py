@@ -5,7 +5,6 @@ through a forward proxy on 127.0.0.1 (tests/http_proxy.py; squid and nginx in te
 from __future__ import annotations
 
 import asyncio
-import ssl
 
 import pytest
 
@@ -13,7 +12,7 @@ from airflow_comet.exceptions import CometAPIAmbiguousCreateError, CometAPIConfi
 from airflow_comet.hooks._settings_cache import forget_settings
 from airflow_comet.hooks._settings import ConnectionSettings
 from airflow_comet.hooks.cometapi import CometAPIHook
-from tests.conftest import set_connection
+from tests.conftest import get_prediction_through, set_connection
 from tests.http_proxy import HttpProxy
 from tests.raw_server import RawServer
 
@@ -23,16 +22,6 @@ def _settings(base_url: str, **extras: object) -> ConnectionSettings:
         conn_id, host, port, password = "c", base_url, None, "k"
 
     return ConnectionSettings.from_connection(Conn(), extras)
-
-
-@pytest.fixture
-def tls_server_context(tmp_path):
-    from benchmarks._tls_proxy import make_certificate
-
-    cert, key = make_certificate(tmp_path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    return context, cert
 
 
 # -- choosing the proxy, as requests does -----------------------------------------------------------------
@@ -119,10 +108,7 @@ async def _get(monkeypatch, mode: str, url: str, **extras: object) -> dict:
     """One status check of ``p1`` through the worker's or the triggerer's transport, sent once."""
     set_connection(monkeypatch, url, max_retries=0, **extras)
     forget_settings("cometapi_default")  # the triggerer looks the connection up anew
-    if mode == "worker":
-        return await asyncio.to_thread(CometAPIHook().get_prediction, "p1")
-    async with CometAPIHook() as hook:
-        return await hook.aget_prediction("p1")
+    return await get_prediction_through(mode)
 
 
 @pytest.mark.parametrize("mode", ["worker", "triggerer"])
@@ -218,11 +204,7 @@ def test_a_proxy_asking_for_credentials_is_a_config_error_not_retried(monkeypatc
         async with RawServer(tls=context) as server, HttpProxy(credentials=("u", "right")) as proxy:
             set_connection(monkeypatch, server.url, proxies={"https": proxy.url_with("u", "wrong")}, verify=str(cert))
             with pytest.raises(CometAPIConfigError, match="407.*proxy's user name and password") as info:
-                if mode == "worker":
-                    await asyncio.to_thread(CometAPIHook().get_prediction, "p1")
-                else:
-                    async with CometAPIHook() as hook:
-                        await hook.aget_prediction("p1")
+                await get_prediction_through(mode)
             assert len(proxy.seen) == 1  # not retried: new credentials are needed, not time
             assert server.connections == 0
 

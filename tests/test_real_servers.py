@@ -20,7 +20,7 @@ from airflow_comet.hooks.cometapi import CometAPIHook
 from airflow_comet.testing import CometAPISimulator, Faults
 from airflow_comet.triggers.prediction import PredictionTrigger
 from tests import real_servers
-from tests.conftest import API_KEY, set_connection
+from tests.conftest import API_KEY, get_prediction_through, set_connection
 
 MODEL = "black-forest-labs/flux-schnell"
 #: nginx closes a keep-alive connection idle this long.
@@ -124,11 +124,7 @@ def test_wrong_proxy_credentials_are_a_config_error_in_both(servers, monkeypatch
     async def run() -> None:
         forget_settings("cometapi_default")
         with pytest.raises(CometAPIConfigError, match="407.*proxy's user name and password") as info:
-            if mode == "worker":
-                await asyncio.to_thread(CometAPIHook().get_prediction, "p1")
-            else:
-                async with CometAPIHook() as hook:
-                    await hook.aget_prediction("p1")
+            await get_prediction_through(mode)
         assert "wrong" not in str(info.value)
 
     asyncio.run(run())

@@ -19,7 +19,7 @@ from airflow_comet.hooks import _triggerer_http
 from airflow_comet.hooks._per_loop import loop_state
 from airflow_comet.hooks._settings_cache import forget_settings
 from airflow_comet.hooks.cometapi import CometAPIHook
-from tests.conftest import API_KEY, create_running_prediction, set_connection
+from tests.conftest import API_KEY, create_running_prediction, get_prediction_through, set_connection
 from tests.raw_server import OK, RawServer
 
 MODEL = "black-forest-labs/flux-schnell"
@@ -326,19 +326,9 @@ async def test_a_cancelled_check_closes_its_connection(monkeypatch):
 # -- TLS: the same CAs and client certificate as the worker's ----------------------------------------------
 
 
-@pytest.fixture
-def tls_server(tmp_path):
-    from benchmarks._tls_proxy import make_certificate
-
-    cert, key = make_certificate(tmp_path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    return context, cert
-
-
 @pytest.mark.parametrize("mode", ["worker", "triggerer"])
-def test_tls_trusts_certifi_or_the_verify_bundle_never_ssl_cert_file(monkeypatch, tls_server, mode):
-    context, cert = tls_server
+def test_tls_trusts_certifi_or_the_verify_bundle_never_ssl_cert_file(monkeypatch, tls_server_context, mode):
+    context, cert = tls_server_context
     # The system store's variable: honoured by neither side, so that a CA trusted by one is trusted by both.
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
 
@@ -366,10 +356,10 @@ def test_tls_trusts_certifi_or_the_verify_bundle_never_ssl_cert_file(monkeypatch
 
 
 @pytest.mark.parametrize("mode", ["worker", "triggerer"])
-def test_the_cert_extra_presents_a_client_certificate_in_both(monkeypatch, tmp_path, tls_server, mode):
+def test_the_cert_extra_presents_a_client_certificate_in_both(monkeypatch, tmp_path, tls_server_context, mode):
     from benchmarks._tls_proxy import make_certificate
 
-    context, cert = tls_server
+    context, cert = tls_server_context
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     client_cert, client_key = make_certificate(client_dir)
@@ -380,11 +370,7 @@ def test_the_cert_extra_presents_a_client_certificate_in_both(monkeypatch, tmp_p
         set_connection(monkeypatch, server.url, max_retries=0, verify=str(cert), **extras)
         forget_settings("cometapi_default")
         try:
-            if mode == "worker":
-                await asyncio.to_thread(CometAPIHook().get_prediction, "p1")
-            else:
-                async with CometAPIHook() as hook:
-                    await hook.aget_prediction("p1")
+            await get_prediction_through(mode)
         except CometAPITransportError:
             return False
         return True
